@@ -1,0 +1,203 @@
+"""CogVLM2ForVideo: EVA2-CLIP-E vision tower + adapter + visual-expert Llama-3 decoder.
+
+Two graphs are compiled (GRAPH_MODE by default), each once, with dynamic shapes:
+- ``model.vision``: frames (T, 3, 224, 224) -> vision embeddings (T, 66, hidden);
+- the causal-LM step (``CausalLMStep``): token ids + vision embeddings + cache -> logits at the
+  requested positions + the extended cache. It serves prefill (empty cache) and every decode step.
+
+The Python methods (``__call__``, ``encode_video``, ``generate``) prepare numpy inputs and call them.
+"""
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mutable, nn, ops
+from mindformers.models.modeling_utils import PreTrainedModel
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from cogvlm2.cogvlm2_config import CogVLM2Config
+from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
+from cogvlm2.cogvlm2_llm import VISION_TOKEN_TYPE, CogVLM2Model, vision_expert_mask
+from cogvlm2 import cogvlm2_weights as weights
+
+__all__ = ["CogVLM2ForVideo", "CausalLMStep"]
+
+MASK_VALUE = -1e9   # additive attention bias for masked keys (finite: padded rows stay NaN-free)
+
+
+class CausalLMStep(nn.Cell):
+    """Decoder + lm_head on the positions that need logits. Shares ``model``/``lm_head`` (and so their
+    parameter names) with CogVLM2ForVideo.
+
+    input_ids (B, L) int32, vision_embeds (N, H), vision_index (N, 1) int32, expert_mask (B, L),
+    position_ids (B, L) int32, bias (B, 1, L, S+L) float32, past: tuple of 2*layers (B, Hkv, S, d),
+    logits_index (M, 1) int32 flat positions b*L + l -> logits (M, vocab) float32, new past.
+    """
+
+    def __init__(self, model: CogVLM2Model, lm_head: Linear):
+        super().__init__()
+        self.model = model
+        self.lm_head = lm_head
+
+    def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
+                  logits_index):
+        hidden, new_past = self.model(input_ids, vision_embeds, vision_index, expert_mask, position_ids,
+                                      bias, past)                                  # (B, L, H)
+        b, length, h = hidden.shape
+        picked = ops.gather_nd(hidden.reshape(b * length, h), logits_index)        # (M, H)
+        return self.lm_head(picked).astype(ms.float32), new_past                   # (M, vocab)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class CogVLM2ForVideo(PreTrainedModel):
+    """CogVLM2-Video-Llama3-Chat for MindSpore (``CogVLMVideoForCausalLM`` in the official code)."""
+
+    config_class = CogVLM2Config
+    base_model_prefix = "model"
+
+    def __init__(self, config: CogVLM2Config = None, compile_graphs: bool = True, **kwargs):
+        config = config if config is not None else CogVLM2Config()
+        if isinstance(config, dict):
+            config = CogVLM2Config(**config)
+        super().__init__(config, **kwargs)
+        self.config = config
+        self.model = CogVLM2Model(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
+        # Not registered as a child cell: it shares model/lm_head, whose names stay model.* / lm_head.*
+        object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head))
+        if compile_graphs and config.is_dynamic:
+            self._declare_dynamic_inputs()
+
+    # ----- graphs --------------------------------------------------------------------------------
+    def _declare_dynamic_inputs(self):
+        """One compiled graph per Cell for every batch size, length and cache length."""
+        c = self.config
+        dtype = to_ms_dtype(c.compute_dtype)
+        v = c.vision_config
+        self.model.vision.set_inputs(Tensor(shape=[None, v.in_channels, v.image_size, v.image_size],
+                                            dtype=ms.float32))
+        kv = Tensor(shape=[None, c.num_multi_query_heads, None, c.head_dim], dtype=dtype)
+        self.step.set_inputs(
+            Tensor(shape=[None, None], dtype=ms.int32),                  # input_ids
+            Tensor(shape=[None, c.hidden_size], dtype=dtype),            # vision_embeds
+            Tensor(shape=[None, 1], dtype=ms.int32),                     # vision_index
+            Tensor(shape=[None, None], dtype=ms.float32),                # expert_mask
+            Tensor(shape=[None, None], dtype=ms.int32),                  # position_ids
+            Tensor(shape=[None, 1, None, None], dtype=ms.float32),       # bias
+            mutable(tuple(kv for _ in range(2 * c.num_hidden_layers))),  # past
+            Tensor(shape=[None, 1], dtype=ms.int32))                     # logits_index
+
+    def empty_cache(self, batch_size: int) -> tuple:
+        """A KV cache with no tokens: 2 * layers tensors (B, Hkv, 0, d)."""
+        c = self.config
+        empty = Tensor(np.zeros((batch_size, c.num_multi_query_heads, 0, c.head_dim), np.float32),
+                       dtype=to_ms_dtype(c.compute_dtype))
+        return mutable(tuple(empty for _ in range(2 * c.num_hidden_layers)))
+
+    # ----- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, **config_overrides) -> "CogVLM2ForVideo":
+        """Load a HF checkpoint directory (converted on the fly) or a converted MindSpore directory."""
+        config = CogVLM2Config.from_hf_config(path, **config_overrides)
+        model = cls(config)
+        model.load_weights(path)
+        return model
+
+    def load_weights(self, directory: str):
+        """Copy every parameter from a checkpoint directory; any missing, unexpected or mis-shaped
+        tensor is a CheckpointError naming it, so no parameter keeps its placeholder value."""
+        params = dict(self.parameters_and_names())
+        expected = {name: tuple(p.shape) for name, p in params.items()}
+        seen = set()
+        for path, name, array in weights.iter_checkpoint(directory):
+            weights.check_tensor(name, array.shape, expected, os.path.basename(path))
+            param = params[name]
+            param.set_data(Tensor(np.ascontiguousarray(array), dtype=param.dtype))
+            seen.add(name)
+        weights.check_complete(seen, expected, directory)
+
+    # ----- vision --------------------------------------------------------------------------------
+    def encode_video(self, pixel_values) -> Tensor:
+        """Frames (T, 3, 224, 224) float32 -> vision embeddings (T, 66, hidden)."""
+        pixels = np.asarray(pixel_values.asnumpy() if isinstance(pixel_values, Tensor) else pixel_values,
+                            dtype=np.float32)
+        size = self.config.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (self.config.vision_config.in_channels, size, size):
+            raise ValueError(f"pixel_values has shape {pixels.shape}; expected (T, 3, {size}, {size}) "
+                             "from CogVLM2Processor")
+        return self.model.vision(Tensor(pixels))
+
+    # ----- one forward pass ----------------------------------------------------------------------
+    def run_step(self, input_ids: np.ndarray, vision_embeds, token_type_ids: np.ndarray,
+                 position_ids: np.ndarray, bias: np.ndarray, past, logits_index: np.ndarray):
+        """Run the compiled step on numpy inputs. vision_embeds: (N, H) Tensor/array for the N VISION
+        tokens in row-major order, or None. Returns (logits (M, vocab) Tensor, new past)."""
+        b, length = input_ids.shape
+        flat_vision = np.flatnonzero(token_type_ids.reshape(-1) == VISION_TOKEN_TYPE)
+        dtype = to_ms_dtype(self.config.compute_dtype)
+        if vision_embeds is None:
+            if flat_vision.size:
+                raise ValueError(f"{flat_vision.size} VISION tokens in token_type_ids but no video given")
+            vision_embeds = Tensor(np.zeros((0, self.config.hidden_size), np.float32), dtype=dtype)
+        elif vision_embeds.shape[0] != flat_vision.size:
+            raise ValueError(f"the video gives {vision_embeds.shape[0]} vision embeddings but token_type_ids "
+                             f"marks {flat_vision.size} VISION tokens; build inputs with CogVLM2Processor")
+        return self.step(
+            Tensor(input_ids.astype(np.int32)),
+            vision_embeds,
+            Tensor(flat_vision.reshape(-1, 1).astype(np.int32)),
+            Tensor(vision_expert_mask(token_type_ids)),
+            Tensor(position_ids.astype(np.int32)),
+            Tensor(bias.astype(np.float32)),
+            past,
+            Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
+
+    def __call__(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
+                 vision_embeds=None, attention_mask=None) -> Tensor:
+        """Full forward pass: logits (B, L, vocab) float32 for every position."""
+        ids, types, positions, mask = self._prepare(input_ids, token_type_ids, position_ids, attention_mask)
+        if vision_embeds is None and pixel_values is not None:
+            vision_embeds = self.encode_video(pixel_values)
+        if vision_embeds is not None:
+            vision_embeds = vision_embeds.reshape(-1, self.config.hidden_size)
+        b, length = ids.shape
+        logits, _ = self.run_step(ids, vision_embeds, types, positions, causal_bias(mask, 0),
+                                  self.empty_cache(b), np.arange(b * length))
+        return logits.reshape(b, length, -1)
+
+    def _prepare(self, input_ids, token_type_ids, position_ids, attention_mask):
+        """numpy (B, L) arrays with defaults: all-language types, positions from the token types."""
+        ids = _as_2d(input_ids, "input_ids")
+        types = np.zeros_like(ids) if token_type_ids is None else _as_2d(token_type_ids, "token_type_ids")
+        if position_ids is None:
+            from cogvlm2.cogvlm2_processor import build_position_ids
+            positions = np.stack([build_position_ids(row) for row in types])
+        else:
+            positions = _as_2d(position_ids, "position_ids")
+        mask = np.ones_like(ids) if attention_mask is None else _as_2d(attention_mask, "attention_mask")
+        for name, arr in (("token_type_ids", types), ("position_ids", positions), ("attention_mask", mask)):
+            if arr.shape != ids.shape:
+                raise ValueError(f"{name} has shape {arr.shape}, input_ids has {ids.shape}; they must match")
+        return ids, types, positions, mask
+
+
+def _as_2d(x, name: str) -> np.ndarray:
+    arr = x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be (B, L) or (L,), got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def causal_bias(attention_mask: np.ndarray, past_length: int) -> np.ndarray:
+    """Additive bias (B, 1, L, past + L): query i (at absolute index past + i) sees key j when
+    j <= past + i and attention_mask[b, j] == 1. attention_mask covers past + L keys, or only the
+    L new ones when past_length == 0."""
+    b, total = attention_mask.shape
+    length = total - past_length
+    query = np.arange(length)[:, None] + past_length
+    key = np.arange(total)[None, :]
+    allowed = (key <= query)[None] & (attention_mask[:, None, :] > 0)   # (B, L, S)
+    return np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)[:, None]

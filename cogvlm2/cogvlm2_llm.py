@@ -1,0 +1,190 @@
+"""The CogVLM2 visual-expert Llama-3 decoder: GQA attention with a KV cache, rotary embeddings at
+explicit position ids, RMSNorm, SwiGLU.
+
+Parameter names follow the HF checkpoint under ``model.*`` (``embed_tokens``, ``layers.N.self_attn.
+language_expert_query_key_value``, ``layers.N.mlp.language_mlp.gate_proj`` ...). The expert set comes
+from the config: the video model has only the language expert; the image model (CogVLM2-19B) adds
+``vision_expert_*`` weights used by the tokens that ``vision_expert_mask`` marks.
+
+The KV cache is functional: each layer takes its past keys/values (B, Hkv, S, d) and returns them with
+the new ones appended, so one compiled graph with dynamic B, L and S serves prefill (S = 0) and every
+decode step.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from cogvlm2.cogvlm2_layers import Embedding, Linear, RMSNorm, attention, swiglu, to_ms_dtype
+from cogvlm2.cogvlm2_vision import EVA2CLIPModel
+
+__all__ = ["CogVLM2Model", "vision_expert_mask", "VISION_TOKEN_TYPE", "LANGUAGE_TOKEN_TYPE"]
+
+LANGUAGE_TOKEN_TYPE = 0
+VISION_TOKEN_TYPE = 1
+
+
+def vision_expert_mask(token_type_ids: np.ndarray) -> np.ndarray:
+    """Tokens routed to the vision expert (official ``get_expert_mask``): a VISION token whose next
+    token is also VISION, so the last token of each vision run goes to the language expert.
+    (B, L) int -> (B, L) float32 in {0, 1}."""
+    tt = np.asarray(token_type_ids)
+    mask = np.zeros(tt.shape, dtype=np.float32)
+    mask[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE) & (tt[:, 1:] == VISION_TOKEN_TYPE)
+    return mask
+
+
+class RotaryEmbedding(nn.Cell):
+    """Rotate-half (GPT-NeoX) rotary embedding over the full head_dim at explicit positions."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        inv_freq = (np.float32(1.0) / (np.float32(base) ** exponent)).astype(np.float32)
+        self.inv_freq = Tensor(inv_freq.reshape(1, 1, -1))  # (1, 1, d/2)
+
+    def construct(self, position_ids):
+        freqs = position_ids.astype(ms.float32).expand_dims(-1) * self.inv_freq  # (B, L, d/2)
+        emb = ops.concat((freqs, freqs), -1).expand_dims(1)                      # (B, 1, L, d)
+        return ops.cos(emb), ops.sin(emb)
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, H, L, d) rotated by the angles in cos/sin (B, 1, L, d)."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+
+
+def _route(expert_mask, language_out, vision_out):
+    """Per-token expert choice; expert_mask (B, L) is 1 where the vision expert applies."""
+    m = expert_mask.expand_dims(-1).astype(language_out.dtype)
+    return language_out * (1 - m) + vision_out * m
+
+
+class VisionExpertAttention(nn.Cell):
+    """Fused-qkv GQA attention with per-token experts and a functional KV cache."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_multi_query_heads
+        self.head_dim = config.head_dim
+        self.hidden_size = config.hidden_size
+        self.kv_size = config.kv_size
+        self.scale = self.head_dim ** -0.5
+        qkv_size = self.hidden_size + 2 * self.kv_size
+        self.language_expert_query_key_value = Linear(self.hidden_size, qkv_size, False, dtype)
+        self.language_expert_dense = Linear(self.hidden_size, self.hidden_size, False, dtype)
+        self.has_vision_expert = config.expert_set == "vision_language"
+        if self.has_vision_expert:
+            self.vision_expert_query_key_value = Linear(self.hidden_size, qkv_size, True, dtype)
+            self.vision_expert_dense = Linear(self.hidden_size, self.hidden_size, False, dtype)
+
+    def _heads(self, x, heads):
+        b, length, _ = x.shape
+        return x.reshape(b, length, heads, self.head_dim).swapaxes(1, 2)   # (B, heads, L, d)
+
+    def construct(self, x, expert_mask, cos, sin, bias, past_key, past_value):
+        b, length, _ = x.shape
+        qkv = self.language_expert_query_key_value(x)                      # (B, L, H + 2*kv)
+        if self.has_vision_expert:
+            qkv = _route(expert_mask, qkv, self.vision_expert_query_key_value(x))
+        q = self._heads(qkv[:, :, :self.hidden_size], self.num_heads)
+        k = self._heads(qkv[:, :, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads)
+        v = self._heads(qkv[:, :, self.hidden_size + self.kv_size:], self.num_kv_heads)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        key = ops.concat((past_key, k), 2)                                 # (B, Hkv, S + L, d)
+        value = ops.concat((past_value, v), 2)
+        out = attention(q, key, value, bias, self.scale)                   # (B, Hq, L, d)
+        out = out.swapaxes(1, 2).reshape(b, length, self.hidden_size)
+        dense = self.language_expert_dense(out)
+        if self.has_vision_expert:
+            dense = _route(expert_mask, dense, self.vision_expert_dense(out))
+        return dense, key, value
+
+
+class LlamaMLP(nn.Cell):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, False, dtype)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, False, dtype)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, False, dtype)
+
+    def construct(self, x):
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class VisionExpertMLP(nn.Cell):
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.language_mlp = LlamaMLP(config, dtype)
+        self.has_vision_expert = config.expert_set == "vision_language"
+        if self.has_vision_expert:
+            self.vision_mlp = LlamaMLP(config, dtype)
+
+    def construct(self, x, expert_mask):
+        out = self.language_mlp(x)
+        if self.has_vision_expert:
+            out = _route(expert_mask, out, self.vision_mlp(x))
+        return out
+
+
+class CogVLMDecoderLayer(nn.Cell):
+    """Pre-norm Llama block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = VisionExpertAttention(config, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = VisionExpertMLP(config, dtype)
+
+    def construct(self, x, expert_mask, cos, sin, bias, past_key, past_value):
+        attn, key, value = self.self_attn(self.input_layernorm(x), expert_mask, cos, sin, bias,
+                                          past_key, past_value)
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h), expert_mask), key, value
+
+
+class CogVLM2Model(nn.Cell):
+    """HF ``model``: token embeddings, vision tower, decoder layers, final norm.
+
+    ``construct`` runs the decoder on token ids whose VISION positions are replaced by the given
+    vision embeddings; it is compiled once with dynamic batch, length and cache length.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        dtype = to_ms_dtype(config.param_init_type)
+        self.compute_dtype = to_ms_dtype(config.compute_dtype)
+        self.hidden_size = config.hidden_size
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.CellList([CogVLMDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.num_layers = config.num_hidden_layers
+        self.vision = EVA2CLIPModel(config)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def embed(self, input_ids, vision_embeds, vision_index):
+        """Token embeddings with vision embeddings scattered in.
+
+        input_ids (B, L); vision_embeds (N, H); vision_index (N, 1) flat positions b*L + l.
+        """
+        b, length = input_ids.shape
+        x = self.embed_tokens(input_ids).astype(self.compute_dtype).reshape(b * length, self.hidden_size)
+        x = ops.tensor_scatter_update(x, vision_index, vision_embeds.astype(self.compute_dtype))
+        return x.reshape(b, length, self.hidden_size)                      # (B, L, H)
+
+    def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past):
+        """-> final-norm hidden states (B, L, H) and the new cache (k0, v0, k1, v1, ...)."""
+        x = self.embed(input_ids, vision_embeds, vision_index)
+        cos, sin = self.rotary_emb(position_ids)
+        bias = bias.astype(ms.float32)
+        new_past = ()
+        for i in range(self.num_layers):
+            x, key, value = self.layers[i](x, expert_mask, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            new_past = new_past + (key, value)
+        return self.norm(x), new_past

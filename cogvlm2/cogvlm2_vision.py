@@ -1,0 +1,151 @@
+"""EVA2-CLIP-E vision tower and the CogVLM2 adapter (conv 2x2 + GLU + boi/eoi).
+
+Parameter names follow the HF checkpoint under ``model.vision.*``:
+``patch_embedding.{proj, cls_embedding, position_embedding}``, ``transformer.layers.N.*``,
+``conv``, ``linear_proj.*``, ``boi``, ``eoi``.
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+
+from cogvlm2.cogvlm2_layers import Embedding, LayerNorm, Linear, placeholder, attention, swiglu, to_ms_dtype
+
+__all__ = ["EVA2CLIPModel"]
+
+
+class Conv2d(nn.Cell):
+    """Conv2d with PyTorch names and layout: weight (out, in, k, k), bias (out,), stride = k, no padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dtype):
+        super().__init__()
+        self.weight = Parameter(placeholder((out_channels, in_channels, kernel_size, kernel_size), dtype),
+                                name="weight")
+        self.bias = Parameter(placeholder((out_channels,), dtype), name="bias")
+        self.stride = kernel_size
+
+    def construct(self, x):
+        x = ops.conv2d(x, self.weight, stride=self.stride, pad_mode="valid")
+        return x + self.bias.reshape(1, -1, 1, 1)
+
+
+class PatchEmbedding(nn.Cell):
+    """Frames -> patch tokens with a learned CLS in front and learned positions added."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.proj = Conv2d(config.in_channels, config.hidden_size, config.patch_size, dtype)
+        self.cls_embedding = Parameter(placeholder((1, config.hidden_size), dtype), name="cls_embedding")
+        self.position_embedding = Embedding(config.num_positions, config.hidden_size, dtype)
+
+    def construct(self, images):
+        x = self.proj(images)                                   # (T, C, 16, 16)
+        t, c = x.shape[0], x.shape[1]
+        x = x.reshape(t, c, -1).swapaxes(1, 2)                  # (T, 256, C)
+        cls = ops.broadcast_to(self.cls_embedding.reshape(1, 1, c), (t, 1, c))
+        x = ops.concat((cls, x), 1)                             # (T, 257, C)
+        return x + self.position_embedding.weight.reshape(1, -1, c)
+
+
+class Attention(nn.Cell):
+    """Non-causal multi-head attention with a fused, biased qkv projection."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, True, dtype)
+        self.dense = Linear(config.hidden_size, config.hidden_size, True, dtype)
+
+    def construct(self, x):
+        t, length, _ = x.shape
+        qkv = self.query_key_value(x).reshape(t, length, 3, self.num_heads, self.head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)                      # (3, T, heads, 257, d)
+        out = attention(qkv[0], qkv[1], qkv[2], None, self.scale)  # (T, heads, 257, d)
+        out = out.swapaxes(1, 2).reshape(t, length, -1)
+        return self.dense(out)
+
+
+class MLP(nn.Cell):
+    """fc1 -> exact GELU -> fc2, with biases."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, True, dtype)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, True, dtype)
+
+    def construct(self, x):
+        return self.fc2(ops.gelu(self.fc1(x), approximate="none"))
+
+
+class TransformerLayer(nn.Cell):
+    """EVA2 layer, post-norm inside the residual: h = x + LN(attn(x)); out = h + LN(mlp(h))."""
+
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
+        self.attention = Attention(config, dtype)
+        self.mlp = MLP(config, dtype)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
+
+    def construct(self, x):
+        h = x + self.input_layernorm(self.attention(x))
+        return h + self.post_attention_layernorm(self.mlp(h))
+
+
+class Transformer(nn.Cell):
+    def __init__(self, config, dtype):
+        super().__init__()
+        self.layers = nn.CellList([TransformerLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+
+    def construct(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class GLU(nn.Cell):
+    """Adapter projection to the decoder width: linear_proj -> LayerNorm -> GELU -> SwiGLU."""
+
+    def __init__(self, config, in_features: int, dtype):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.linear_proj = Linear(in_features, hidden, False, dtype)
+        self.norm1 = LayerNorm(hidden, config.adapter_layer_norm_eps, dtype)
+        self.gate_proj = Linear(hidden, inner, False, dtype)
+        self.dense_h_to_4h = Linear(hidden, inner, False, dtype)
+        self.dense_4h_to_h = Linear(inner, hidden, False, dtype)
+
+    def construct(self, x):
+        x = ops.gelu(self.norm1(self.linear_proj(x)), approximate="none")
+        return swiglu(x, self.gate_proj, self.dense_h_to_4h, self.dense_4h_to_h)
+
+
+class EVA2CLIPModel(nn.Cell):
+    """Frames (T, 3, 224, 224) -> decoder-width embeddings (T, 66, hidden): boi, 8x8 patches, eoi."""
+
+    def __init__(self, config):
+        super().__init__()
+        vision = config.vision_config
+        dtype = to_ms_dtype(config.param_init_type)
+        self.compute_dtype = to_ms_dtype(config.compute_dtype)
+        self.grid_size = vision.grid_size
+        self.patch_embedding = PatchEmbedding(vision, dtype)
+        self.transformer = Transformer(vision, dtype)
+        self.linear_proj = GLU(config, vision.hidden_size, dtype)
+        self.conv = Conv2d(vision.hidden_size, vision.hidden_size, config.adapter_conv_size, dtype)
+        self.boi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="boi")
+        self.eoi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="eoi")
+
+    def construct(self, images):
+        x = self.patch_embedding(images.astype(self.compute_dtype))  # (T, 257, Cv)
+        x = self.transformer(x)
+        x = x[:, 1:]                                            # drop CLS: (T, 256, Cv)
+        t, _, c = x.shape
+        x = x.reshape(t, self.grid_size, self.grid_size, c).transpose(0, 3, 1, 2)  # (T, Cv, 16, 16)
+        x = self.conv(x)                                        # (T, Cv, 8, 8)
+        x = x.reshape(t, c, -1).swapaxes(1, 2)                  # (T, 64, Cv)
+        x = self.linear_proj(x)                                 # (T, 64, H)
+        h = x.shape[-1]
+        boi = ops.broadcast_to(self.boi, (t, 1, h))
+        eoi = ops.broadcast_to(self.eoi, (t, 1, h))
+        return ops.concat((boi, x, eoi), 1)                     # (T, 66, H)

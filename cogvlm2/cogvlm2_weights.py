@@ -1,0 +1,203 @@
+"""Checkpoint reading, name mapping and conversion (HF safetensors -> MindSpore checkpoint directory).
+
+The model's parameter names are the HF checkpoint's names, so the mapping is the identity except for
+tensors that are not parameters (``rotary_emb.inv_freq``, recomputed from the config). Tensors are
+read one at a time through a memory map, so neither loading nor converting ever holds a whole model
+twice.
+
+safetensors files are read with ``read_safetensors`` (the documented 8-byte header + JSON layout and
+``numpy.memmap``) because the ``safetensors`` package's numpy API has no bfloat16, the dtype of every
+CogVLM2 checkpoint.
+"""
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["CheckpointError", "HF_INDEX", "MS_INDEX", "hf_to_ms_name", "read_safetensors",
+           "checkpoint_files", "iter_checkpoint", "expected_shapes", "convert_checkpoint",
+           "is_converted_dir"]
+
+HF_INDEX = "model.safetensors.index.json"
+MS_INDEX = "mindspore_model.index.json"    # marks a directory written by convert_checkpoint
+SKIPPED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the file, the tensor and the fix."""
+
+
+def hf_to_ms_name(name: str) -> Optional[str]:
+    """HF tensor name -> model parameter name; None for tensors that are not parameters."""
+    if SKIPPED_TENSORS.search(name):
+        return None
+    return name
+
+
+# ----- reading -----------------------------------------------------------------------------------
+
+def _bf16_to_fp32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yield (name, float32/float16 array) for each tensor of a safetensors file, one at a time."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); re-download it") from err
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if end > data.shape[0]:
+            raise CheckpointError(f"{path}: tensor {name} runs past the end of the file (truncated?); "
+                                  "re-download it")
+        array = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        yield name, _bf16_to_fp32(array) if info["dtype"] == "BF16" else array
+
+
+def checkpoint_files(directory: str) -> List[str]:
+    """The safetensors shards of a HF or converted checkpoint directory, in index order."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such checkpoint directory; give the folder holding "
+                              "config.json and the *.safetensors shards")
+    for index_name in (MS_INDEX, HF_INDEX):
+        index_path = os.path.join(directory, index_name)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+            if missing:
+                raise CheckpointError(f"{directory}: shard {missing[0]} listed in {index_name} is missing; "
+                                      "download or copy it")
+            return [os.path.join(directory, name) for name in files]
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise CheckpointError(f"{directory}: no {HF_INDEX}, {MS_INDEX} or model.safetensors; "
+                          "this is not a CogVLM2 checkpoint directory")
+
+
+def is_converted_dir(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, MS_INDEX))
+
+
+def iter_checkpoint(directory: str) -> Iterator[Tuple[str, str, np.ndarray]]:
+    """Yield (shard path, model parameter name, array) for every parameter tensor of a checkpoint."""
+    for path in checkpoint_files(directory):
+        for name, array in read_safetensors(path):
+            ms_name = hf_to_ms_name(name)
+            if ms_name is not None:
+                yield path, ms_name, array
+
+
+# ----- the model's expected tensors --------------------------------------------------------------
+
+def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """Every parameter name and shape of the model ``config`` describes, without allocating weights."""
+    from mindspore.nn.utils import no_init_parameters
+    from cogvlm2.cogvlm2 import CogVLM2ForVideo
+    with no_init_parameters():
+        model = CogVLM2ForVideo(config, compile_graphs=False)
+    return {name: tuple(p.shape) for name, p in model.parameters_and_names()}
+
+
+def check_tensor(name: str, shape, expected: Dict[str, Tuple[int, ...]], source: str):
+    """Raise a CheckpointError unless ``name`` is a model parameter of shape ``shape``."""
+    if name not in expected:
+        raise CheckpointError(f"{source}: unknown tensor {name}: the model has no such parameter "
+                              "(is this a CogVLM2-Video checkpoint for this config?)")
+    if tuple(shape) != expected[name]:
+        raise CheckpointError(f"{source}: tensor {name} has shape {tuple(shape)}, the model expects "
+                              f"{expected[name]}: the checkpoint and config.json disagree")
+
+
+def check_complete(seen, expected: Dict[str, Tuple[int, ...]], source: str):
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise CheckpointError(f"{source}: missing {len(missing)} parameter(s), first {missing[0]}; "
+                              "the checkpoint is incomplete")
+
+
+# ----- conversion --------------------------------------------------------------------------------
+
+def _save_shard(tensors, path: str):
+    import mindspore as ms
+    ms.save_checkpoint(tensors, path, format="safetensors")
+
+
+def convert_checkpoint(input_dir: str, output_dir: str, dtype: str = "bf16", overwrite: bool = False,
+                       progress=None) -> Dict[str, str]:
+    """Convert a HF CogVLM2 checkpoint directory into a MindSpore checkpoint directory.
+
+    One output shard per input shard; each input shard is streamed tensor by tensor, so peak memory
+    is about one shard in the output dtype. Everything is written into a temporary directory next to
+    ``output_dir`` and renamed into place at the end, so an interrupted run leaves no partial output.
+    Returns the weight map {parameter name: file name}.
+    """
+    import mindspore as ms
+    from mindspore import Tensor
+    from cogvlm2.cogvlm2_config import CogVLM2Config
+
+    target = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}.get(dtype)
+    if target is None:
+        raise CheckpointError(f"--dtype {dtype!r}: use one of fp32, fp16, bf16")
+    if not os.path.isdir(input_dir):
+        raise CheckpointError(f"{input_dir}: input directory does not exist; give the HF checkpoint folder")
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not overwrite:
+        raise CheckpointError(f"{output_dir}: output already exists; pass --overwrite to replace it")
+    config = CogVLM2Config.from_hf_config(input_dir)
+    shards = checkpoint_files(input_dir)
+    expected = expected_shapes(config)
+
+    parent = os.path.dirname(output_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    weight_map = {}
+    try:
+        iterator = progress(shards) if progress else shards
+        for number, shard in enumerate(iterator, 1):
+            out_name = f"mindspore_model-{number:05d}-of-{len(shards):05d}.safetensors"
+            tensors = []
+            for name, array in read_safetensors(shard):
+                ms_name = hf_to_ms_name(name)
+                if ms_name is None:
+                    continue
+                check_tensor(ms_name, array.shape, expected, os.path.basename(shard))
+                if ms_name in weight_map:
+                    raise CheckpointError(f"{shard}: tensor {name} appears twice in the checkpoint")
+                tensors.append({"name": ms_name, "data": Tensor(np.ascontiguousarray(array)).astype(target)})
+                weight_map[ms_name] = out_name
+            _save_shard(tensors, os.path.join(staging, out_name))
+            del tensors
+        check_complete(weight_map, expected, input_dir)
+        config.save_hf_config(staging)
+        with open(os.path.join(staging, MS_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"format": "cogvlm2-mindspore", "dtype": dtype, "weight_map": weight_map}, f, indent=1)
+        if os.path.exists(output_dir):
+            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.rename(output_dir, os.path.join(old, "out"))
+            os.rename(staging, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return weight_map
