@@ -129,38 +129,56 @@ class CogVLM2ForVideo(PreTrainedModel):
         return self.model.vision(Tensor(pixels))
 
     # ----- one forward pass ----------------------------------------------------------------------
-    def run_step(self, input_ids: np.ndarray, vision_embeds, token_type_ids: np.ndarray,
-                 position_ids: np.ndarray, bias: np.ndarray, past, logits_index: np.ndarray):
-        """Run the compiled step on numpy inputs. vision_embeds: (N, H) Tensor/array for the N VISION
-        tokens in row-major order, or None. Returns (logits (M, vocab) Tensor, new past)."""
-        b, length = input_ids.shape
+    def _graph_inputs(self, input_ids, vision_embeds, token_type_ids, position_ids, bias) -> tuple:
+        """numpy (B, L) inputs -> the step graph's first six Tensors. vision_embeds: (N, H) for the N
+        VISION tokens in row-major order, or None."""
         flat_vision = np.flatnonzero(token_type_ids.reshape(-1) == VISION_TOKEN_TYPE)
-        dtype = to_ms_dtype(self.config.compute_dtype)
         if vision_embeds is None:
             if flat_vision.size:
                 raise ValueError(f"{flat_vision.size} VISION tokens in token_type_ids but no video given")
-            vision_embeds = Tensor(np.zeros((0, self.config.hidden_size), np.float32), dtype=dtype)
+            vision_embeds = Tensor(np.zeros((0, self.config.hidden_size), np.float32),
+                                   dtype=to_ms_dtype(self.config.compute_dtype))
         elif vision_embeds.shape[0] != flat_vision.size:
             raise ValueError(f"the video gives {vision_embeds.shape[0]} vision embeddings but token_type_ids "
                              f"marks {flat_vision.size} VISION tokens; build inputs with CogVLM2Processor")
-        return self.step(
-            Tensor(input_ids.astype(np.int32)),
-            vision_embeds,
-            Tensor(flat_vision.reshape(-1, 1).astype(np.int32)),
-            Tensor(vision_expert_mask(token_type_ids)),
-            Tensor(position_ids.astype(np.int32)),
-            Tensor(bias.astype(np.float32)),
-            past,
-            Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
+        return (Tensor(input_ids.astype(np.int32)),
+                vision_embeds,
+                Tensor(flat_vision.reshape(-1, 1).astype(np.int32)),
+                Tensor(vision_expert_mask(token_type_ids)),
+                Tensor(position_ids.astype(np.int32)),
+                Tensor(bias.astype(np.float32)))
+
+    def run_step(self, input_ids: np.ndarray, vision_embeds, token_type_ids: np.ndarray,
+                 position_ids: np.ndarray, bias: np.ndarray, past, logits_index: np.ndarray):
+        """Run the compiled step. logits_index: flat positions b*L + l that need logits.
+        Returns (logits (M, vocab) Tensor, new past)."""
+        inputs = self._graph_inputs(input_ids, vision_embeds, token_type_ids, position_ids, bias)
+        return self.step(*inputs, past, Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
+
+    def hidden_states(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
+                      vision_embeds=None) -> list:
+        """Decoder hidden states for checking against the reference: [input embeddings (after the
+        vision scatter), input of layers 1..n-1, final norm output], each (B, L, H) numpy."""
+        ids, types, positions, mask = self._prepare(input_ids, token_type_ids, position_ids, None)
+        vision_embeds = self._vision_rows(pixel_values, vision_embeds)
+        inputs = self._graph_inputs(ids, vision_embeds, types, positions, causal_bias(mask, 0))
+        return [h.asnumpy() for h in self.model.trace(*inputs)]
+
+    def _vision_rows(self, pixel_values, vision_embeds):
+        """Vision embeddings as (T*66, H) rows, encoding the frames if only pixel_values are given."""
+        if vision_embeds is None and pixel_values is not None:
+            vision_embeds = self.encode_video(pixel_values)
+        if vision_embeds is None:
+            return None
+        if not isinstance(vision_embeds, Tensor):
+            vision_embeds = Tensor(np.asarray(vision_embeds, np.float32))
+        return vision_embeds.reshape(-1, self.config.hidden_size)
 
     def __call__(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
                  vision_embeds=None, attention_mask=None) -> Tensor:
         """Full forward pass: logits (B, L, vocab) float32 for every position."""
         ids, types, positions, mask = self._prepare(input_ids, token_type_ids, position_ids, attention_mask)
-        if vision_embeds is None and pixel_values is not None:
-            vision_embeds = self.encode_video(pixel_values)
-        if vision_embeds is not None:
-            vision_embeds = vision_embeds.reshape(-1, self.config.hidden_size)
+        vision_embeds = self._vision_rows(pixel_values, vision_embeds)
         b, length = ids.shape
         logits, _ = self.run_step(ids, vision_embeds, types, positions, causal_bias(mask, 0),
                                   self.empty_cache(b), np.arange(b * length))

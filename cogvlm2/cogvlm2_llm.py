@@ -178,6 +178,20 @@ class CogVLM2Model(nn.Cell):
         x = ops.tensor_scatter_update(x, vision_index, vision_embeds.astype(self.compute_dtype))
         return x.reshape(b, length, self.hidden_size)                      # (B, L, H)
 
+    def trace(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias):
+        """Like ``construct`` without a cache, layer by layer (for checking against the reference):
+        -> [input embeddings, input of layers 1..n-1, final norm output], each (B, L, H)."""
+        x = self.embed(input_ids, vision_embeds, vision_index)
+        cos, sin = self.rotary_emb(position_ids)
+        b = input_ids.shape[0]
+        empty = ops.zeros((b, self.layers[0].self_attn.num_kv_heads, 0, self.layers[0].self_attn.head_dim),
+                          x.dtype)
+        states = [x]
+        for layer in self.layers:
+            x, _, _ = layer(x, expert_mask, cos, sin, bias, empty, empty)
+            states.append(x)
+        return states[:-1] + [self.norm(x)]
+
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past):
         """-> final-norm hidden states (B, L, H) and the new cache (k0, v0, k1, v1, ...)."""
         x = self.embed(input_ids, vision_embeds, vision_index)

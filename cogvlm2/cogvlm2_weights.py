@@ -169,6 +169,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str = "bf16", ove
     parent = os.path.dirname(output_dir) or "."
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    os.chmod(staging, 0o755)
     weight_map = {}
     try:
         iterator = progress(shards) if progress else shards

@@ -1,0 +1,134 @@
+"""Weight converter and loader: the real model's names and shapes, and every refusal."""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor
+
+from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
+from cogvlm2.cogvlm2_weights import (HF_INDEX, CheckpointError, expected_shapes, hf_to_ms_name,
+                                     read_safetensors)
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TINY = os.path.join(FIXTURES, "tiny_chat")
+sys.path.insert(0, os.path.join(os.path.dirname(FIXTURES), "..", "tools"))
+import convert_weight  # noqa: E402
+
+SHARD2 = "model-00002-of-00002.safetensors"
+
+
+def test_real_model_names_and_shapes_without_weights():
+    real = json.load(open(os.path.join(FIXTURES, "real_param_shapes.json"), encoding="utf-8"))
+    expected = expected_shapes(CogVLM2Config())          # the real config; parameters never allocated
+    assert len(real["params"]) == len(expected) == 997
+    for name, shape in real["params"].items():
+        assert expected[hf_to_ms_name(name)] == tuple(shape), name
+    assert sum(int(np.prod(s)) for s in expected.values()) == real["total_params"] == 12_507_530_496
+    vision = sum(int(np.prod(s)) for n, s in expected.items() if n.startswith("model.vision."))
+    assert vision == real["total_params_vision"] == 4_477_269_248
+    assert hf_to_ms_name("model.layers.7.self_attn.rotary_emb.inv_freq") is None
+
+
+def copy_tiny(tmp_path) -> str:
+    target = tmp_path / "hf"
+    shutil.copytree(TINY, target)
+    for name in os.listdir(target):
+        os.chmod(target / name, 0o644)
+    return str(target)
+
+
+def rewrite_shard(directory: str, edit):
+    """Rewrite shard 2 as bf16 safetensors after ``edit(dict name -> array)``."""
+    path = os.path.join(directory, SHARD2)
+    tensors = {name: np.array(array) for name, array in read_safetensors(path)}
+    edit(tensors)
+    os.remove(path)
+    ms.save_checkpoint([{"name": n, "data": Tensor(a).astype(ms.bfloat16)} for n, a in tensors.items()],
+                       path, format="safetensors")
+    index_path = os.path.join(directory, HF_INDEX)
+    index = json.load(open(index_path, encoding="utf-8"))
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != SHARD2}
+    index["weight_map"].update({n: SHARD2 for n in tensors})
+    json.dump(index, open(index_path, "w", encoding="utf-8"))
+
+
+def run_cli(capsys, *args):
+    code = convert_weight.main(["--model", "cogvlm2", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_refused(capsys, tmp_path, source, *words):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "--input_path", source, "--output_path", str(out))
+    assert code != 0
+    message = [line for line in err if line.startswith("error:")]
+    assert len(message) == 1, err
+    for word in words:
+        assert word in message[0]
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")], "staging left behind"
+
+
+def test_refuses_missing_input_dir(capsys, tmp_path):
+    assert_refused(capsys, tmp_path, str(tmp_path / "nope"), "nope", "does not exist")
+
+
+def test_refuses_missing_shard(capsys, tmp_path):
+    source = copy_tiny(tmp_path)
+    os.remove(os.path.join(source, SHARD2))
+    assert_refused(capsys, tmp_path, source, SHARD2, "missing")
+
+
+def test_refuses_unknown_tensor(capsys, tmp_path):
+    source = copy_tiny(tmp_path)
+    rewrite_shard(source, lambda t: t.update({"model.vision.extra_head.weight": np.ones((2, 2), np.float32)}))
+    assert_refused(capsys, tmp_path, source, "unknown tensor model.vision.extra_head.weight")
+
+
+def test_refuses_wrong_shape(capsys, tmp_path):
+    source = copy_tiny(tmp_path)
+    rewrite_shard(source, lambda t: t.update({"model.vision.boi": np.ones((1, 1, 33), np.float32)}))
+    assert_refused(capsys, tmp_path, source, "model.vision.boi", "(1, 1, 33)", "(1, 1, 32)")
+
+
+def test_refuses_missing_tensor(capsys, tmp_path):
+    source = copy_tiny(tmp_path)
+    rewrite_shard(source, lambda t: t.pop("model.vision.eoi"))
+    assert_refused(capsys, tmp_path, source, "missing", "model.vision.eoi")
+
+
+def test_truncated_shard_leaves_no_output(capsys, tmp_path):
+    source = copy_tiny(tmp_path)
+    path = os.path.join(source, SHARD2)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    assert_refused(capsys, tmp_path, source, SHARD2, "truncated")
+
+
+def test_existing_output_needs_overwrite(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, err = run_cli(capsys, "--input_path", TINY, "--output_path", str(out))
+    assert code != 0 and "--overwrite" in err[-1]
+    assert (out / "keep.txt").read_text() == "user data"
+    code, _ = run_cli(capsys, "--input_path", TINY, "--output_path", str(out), "--overwrite", "--dtype", "fp32")
+    assert code == 0 and not (out / "keep.txt").exists()
+    assert json.load(open(out / "mindspore_model.index.json"))["dtype"] == "fp32"
+    assert CogVLM2Config.from_hf_config(str(out)).hidden_size == 32
+
+
+def test_loader_names_the_bad_parameter(tmp_path):
+    source = copy_tiny(tmp_path)
+    rewrite_shard(source, lambda t: t.update({"model.vision.conv.bias": np.ones((5,), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.vision\.conv\.bias.*\(5,\)"):
+        CogVLM2ForVideo.from_pretrained(source)
+    source2 = copy_tiny(tmp_path / "b")
+    rewrite_shard(source2, lambda t: t.pop("model.vision.conv.bias"))
+    with pytest.raises(CheckpointError, match=r"missing 1 parameter.*model\.vision\.conv\.bias"):
+        CogVLM2ForVideo.from_pretrained(source2)

@@ -1,0 +1,80 @@
+"""The image model's layout (CogVLM2-19B: vision_expert_* weights, routing by token type) in the same
+decoder, on a small random config."""
+import zlib
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
+from cogvlm2.cogvlm2_llm import vision_expert_mask
+
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+SMALL = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_multi_query_heads=2,
+             vision_config=dict(hidden_size=16, intermediate_size=32, num_heads=2, num_hidden_layers=1))
+
+
+def random_model(expert_set, seed=0, copy_experts=False):
+    model = CogVLM2ForVideo(CogVLM2Config(expert_set=expert_set, **SMALL))
+    params = dict(model.parameters_and_names())
+    for name, param in params.items():   # values depend on the name only, so both layouts share them
+        rng = np.random.default_rng(zlib.crc32(name.encode()) + seed)
+        param.set_data(Tensor(rng.normal(0, 0.2, param.shape).astype(np.float32)))
+    if copy_experts:   # vision expert := language expert, vision qkv bias := 0
+        for name, param in params.items():
+            twin = name.replace("vision_expert_", "language_expert_").replace("vision_mlp", "language_mlp")
+            if twin != name:
+                value = np.zeros(param.shape, np.float32) if name.endswith(".bias") else params[twin].asnumpy()
+                param.set_data(Tensor(value))
+    return model
+
+
+def inputs():
+    ids = np.array([[128 + i for i in range(12)]])
+    types = np.array([[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0]])
+    positions = np.array([[0, 1, 2, 2, 3, 4, 5, 6, 7, 7, 8, 9]])
+    vision = np.random.default_rng(1).normal(size=(7, 32)).astype(np.float32)
+    return ids, types, positions, vision
+
+
+def test_image_model_parameter_names():
+    names = dict(CogVLM2ForVideo(CogVLM2Config(expert_set="vision_language", **SMALL)).parameters_and_names())
+    assert names["model.layers.0.self_attn.vision_expert_query_key_value.weight"].shape == (64, 32)
+    assert names["model.layers.0.self_attn.vision_expert_query_key_value.bias"].shape == (64,)
+    assert "model.layers.1.self_attn.vision_expert_dense.weight" in names
+    assert "model.layers.1.mlp.vision_mlp.gate_proj.weight" in names
+    video = dict(CogVLM2ForVideo(CogVLM2Config(**SMALL)).parameters_and_names())
+    assert not [n for n in video if "vision_expert" in n or "vision_mlp" in n]
+
+
+def test_expert_mask_matches_official_rule():
+    # a VISION token goes to the vision expert only when the next token is VISION too
+    _, types, _, _ = inputs()
+    expected = [0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0]
+    assert vision_expert_mask(types)[0].tolist() == expected
+
+
+def test_identical_experts_reduce_to_language_model():
+    ids, types, positions, vision = inputs()
+    image = random_model("vision_language", copy_experts=True)
+    video = random_model("language")
+    a = image(ids, token_type_ids=types, position_ids=positions, vision_embeds=vision).asnumpy()
+    b = video(ids, token_type_ids=types, position_ids=positions, vision_embeds=vision).asnumpy()
+    assert np.abs(a - b).max() < 1e-5
+
+
+def test_routing_uses_vision_expert_only_on_routed_tokens():
+    ids, types, positions, vision = inputs()
+    same = random_model("vision_language", copy_experts=True)
+    routed = random_model("vision_language", copy_experts=True)
+    params = dict(routed.parameters_and_names())
+    weight = params["model.layers.0.self_attn.vision_expert_dense.weight"]
+    weight.set_data(Tensor(weight.asnumpy() * 3.0))
+    a = same(ids, token_type_ids=types, position_ids=positions, vision_embeds=vision).asnumpy()[0]
+    b = routed(ids, token_type_ids=types, position_ids=positions, vision_embeds=vision).asnumpy()[0]
+    changed = np.abs(a - b).max(-1) > 1e-4
+    # position 0 precedes the first routed token (1): causal attention keeps it unchanged
+    assert not changed[0]
+    assert changed[1:].all()
