@@ -19,7 +19,9 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import VISION_TOKEN_TYPE, CogVLM2Model, vision_expert_mask
+from cogvlm2 import cogvlm2_generation as generation
 from cogvlm2 import cogvlm2_weights as weights
+from cogvlm2.cogvlm2_generation import GenerationOptions, GenerationOutput
 
 __all__ = ["CogVLM2ForVideo", "CausalLMStep"]
 
@@ -66,6 +68,7 @@ class CogVLM2ForVideo(PreTrainedModel):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
         # Not registered as a child cell: it shares model/lm_head, whose names stay model.* / lm_head.*
         object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head))
+        object.__setattr__(self, "_last_video", None)   # (key, frame count, vision rows) for chat()
         if compile_graphs and config.is_dynamic:
             self._declare_dynamic_inputs()
 
@@ -153,7 +156,7 @@ class CogVLM2ForVideo(PreTrainedModel):
         """Run the compiled step. logits_index: flat positions b*L + l that need logits.
         Returns (logits (M, vocab) Tensor, new past)."""
         inputs = self._graph_inputs(input_ids, vision_embeds, token_type_ids, position_ids, bias)
-        return self.step(*inputs, past, Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
+        return self.step(*inputs, mutable(tuple(past)), Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
 
     def hidden_states(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
                       vision_embeds=None) -> list:
@@ -183,6 +186,56 @@ class CogVLM2ForVideo(PreTrainedModel):
         logits, _ = self.run_step(ids, vision_embeds, types, positions, causal_bias(mask, 0),
                                   self.empty_cache(b), np.arange(b * length))
         return logits.reshape(b, length, -1)
+
+    # ----- generation ----------------------------------------------------------------------------
+    def generate(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
+                 attention_mask=None, vision_embeds=None, generation_config=None, on_tokens=None,
+                 **options) -> GenerationOutput:
+        """Generate with the KV cache from processor outputs (B, L), left-padded for batches.
+
+        Options: max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
+        repetition_penalty, seed, stop_token_ids (or a GenerationConfig-like ``generation_config``).
+        ``on_tokens(ids (B,))`` is called after each step. Returns a GenerationOutput whose
+        ``new_tokens`` are the generated ids of each sample (no prompt echo).
+        """
+        ids, types, positions, mask = self._prepare(input_ids, token_type_ids, position_ids, attention_mask)
+        rows = self._vision_rows(pixel_values, vision_embeds)
+        opts = GenerationOptions.from_kwargs(generation_config, **options)
+        return generation.generate(self, ids, types, positions, mask, rows, opts, on_tokens)
+
+    def chat(self, processor, query: str, video=None, history=None, stream: bool = False, **options):
+        """Answer ``query`` about ``video`` (a path, frames, or None) after earlier ``history`` turns
+        [(question, answer), ...]. Returns the answer text, or with ``stream=True`` an iterator of text
+        pieces as tokens arrive. The frame embeddings of the last video are kept, so follow-up
+        questions about the same video do not run the vision tower again."""
+        num_frames, embeds = self._video_embeddings(processor, video)
+        inputs = processor.build_inputs(query, num_frames, history)
+        opts = GenerationOptions.from_kwargs(**options)
+        tokens = generation.iter_tokens(self, inputs["input_ids"], inputs["token_type_ids"],
+                                        inputs["position_ids"], inputs["attention_mask"], embeds, opts)
+        pieces = generation.stream_text(processor.tokenizer, tokens, self._stop_ids(opts))
+        return pieces if stream else "".join(pieces)
+
+    def _stop_ids(self, options: GenerationOptions):
+        return options.stop_token_ids if options.stop_token_ids is not None else self.config.stop_token_ids
+
+    def _video_embeddings(self, processor, video):
+        """(frame count, vision rows) for a chat turn, reusing the last video's embeddings."""
+        if video is None:
+            return None, None
+        key = None
+        if isinstance(video, (str, os.PathLike)):
+            stat = os.stat(video)
+            key = (os.path.realpath(video), stat.st_mtime_ns, stat.st_size, processor.frame_strategy,
+                   processor.num_frames, processor.image_size)
+            if self._last_video is not None and self._last_video[0] == key:
+                return self._last_video[1], self._last_video[2]
+            frames, _ = processor.load_video(video)
+        else:
+            frames = np.asarray(video)
+        embeds = self._vision_rows(processor.transform(frames), None)
+        object.__setattr__(self, "_last_video", (key, len(frames), embeds) if key else None)
+        return len(frames), embeds
 
     def _prepare(self, input_ids, token_type_ids, position_ids, attention_mask):
         """numpy (B, L) arrays with defaults: all-language types, positions from the token types."""
