@@ -216,6 +216,10 @@ class CogVLM2ForVideo(PreTrainedModel):
         pieces = generation.stream_text(processor.tokenizer, tokens, self._stop_ids(opts))
         return pieces if stream else "".join(pieces)
 
+    def clear_video_cache(self):
+        """Forget the frame embeddings kept by ``chat`` (the next turn re-encodes its video)."""
+        object.__setattr__(self, "_last_video", None)
+
     def _stop_ids(self, options: GenerationOptions):
         return options.stop_token_ids if options.stop_token_ids is not None else self.config.stop_token_ids
 

@@ -1,0 +1,151 @@
+"""Generation against the official implementation's greedy run, plus batching, sampling, streaming,
+stop tokens, multi-turn chat and compile-once."""
+import json
+import os
+
+import numpy as np
+import pytest
+import mindspore as ms
+
+from cogvlm2 import CogVLM2ForVideo, CogVLM2Processor, CogVLM2Tokenizer
+from cogvlm2.cogvlm2_generation import ContextLengthError
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TINY = os.path.join(FIXTURES, "tiny_chat")
+VIDEO = os.path.join(FIXTURES, "bigbuckbunny.mp4")
+PROMPT = "Please describe this video."
+
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return dict(np.load(os.path.join(TINY, "golden.npz")))
+
+
+@pytest.fixture(scope="module")
+def meta():
+    return json.load(open(os.path.join(TINY, "meta.json"), encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CogVLM2ForVideo.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return CogVLM2Processor(CogVLM2Tokenizer())
+
+
+def golden_inputs(golden, prefix=""):
+    inputs = {k: golden[prefix + k] for k in ("input_ids", "token_type_ids", "position_ids")}
+    if not prefix:
+        inputs["pixel_values"] = golden["pixel_values"]
+    return inputs
+
+
+@pytest.mark.parametrize("prefix", ["", "text_"])
+def test_greedy_tokens_and_scores_match_reference(model, golden, prefix):
+    out = model.generate(**golden_inputs(golden, prefix), max_new_tokens=20, output_scores=True)
+    assert out.new_tokens[0].tolist() == golden[prefix + "gen_new_tokens"].tolist()
+    scores = np.stack([s[0] for s in out.scores])                         # (20, vocab)
+    top5 = np.argsort(-scores, -1, kind="stable")[:, :5]
+    assert np.array_equal(top5, golden[prefix + "gen_step_top5_ids"])
+    assert np.abs(np.take_along_axis(scores, top5, -1) - golden[prefix + "gen_step_top5_values"]).max() <= 2e-5
+    if not prefix:
+        assert np.abs(scores[1] - golden["gen_step1_logits"]).max() <= 2e-5
+
+
+def test_graphs_compile_once_for_all_lengths(model, golden):
+    for prefix in ("", "text_", "hist_"):
+        inputs = golden_inputs(golden, prefix)
+        if prefix == "hist_":
+            inputs["pixel_values"] = golden["pixel_values"]
+        model.generate(**inputs, max_new_tokens=3)
+    model.generate(np.stack([golden["text_input_ids"]] * 2), token_type_ids=np.stack([golden["text_token_type_ids"]] * 2),
+                   position_ids=np.stack([golden["text_position_ids"]] * 2), max_new_tokens=2)
+    # prompt lengths 412 / 10 / 424, batch 1 and 2, prefill and decode: one graph each
+    assert len(model.step.compile_cache) == 1
+    assert len(model.model.vision.compile_cache) == 1
+
+
+def test_batch_equals_single(model, processor):
+    queries = [[{"video": VIDEO}, {"text": PROMPT}],
+               [{"text": PROMPT}],
+               [{"video": VIDEO}, {"text": "What happens to the rabbit next? Answer in detail."}]]
+    batch = processor(queries)
+    assert len({int(m.sum()) for m in batch["attention_mask"]}) == 3           # three different lengths
+    keys = ("input_ids", "token_type_ids", "position_ids", "attention_mask", "pixel_values")
+    together = model.generate(**{k: batch[k] for k in keys}, max_new_tokens=12)
+    for query, tokens in zip(queries, together.new_tokens):
+        alone = processor(query)
+        single = model.generate(**{k: alone[k] for k in keys}, max_new_tokens=12)
+        assert tokens.tolist() == single.new_tokens[0].tolist()
+
+
+def test_sampling_is_seeded_and_respects_top_k(model, golden):
+    inputs = golden_inputs(golden, "text_")
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=3, temperature=1.5, output_scores=True)
+    a = model.generate(**inputs, seed=7, **kwargs)
+    b = model.generate(**inputs, seed=7, **kwargs)
+    assert a.new_tokens[0].tolist() == b.new_tokens[0].tolist()
+    for token, scores in zip(a.new_tokens[0], a.scores):
+        assert token in np.argsort(-scores[0])[:3]
+    others = {tuple(model.generate(**inputs, seed=s, **kwargs).new_tokens[0].tolist()) for s in range(4)}
+    assert len(others) > 1                                                 # the seed matters
+    greedy = model.generate(**inputs, max_new_tokens=12, top_k=1, do_sample=True, seed=3)
+    assert greedy.new_tokens[0].tolist() == golden["text_gen_new_tokens"][:12].tolist()
+
+
+def test_top_p_keeps_the_nucleus():
+    from cogvlm2.cogvlm2_generation import GenerationOptions, pick_next_tokens
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    options = GenerationOptions(do_sample=True, top_p=0.7)
+    rng = np.random.default_rng(0)
+    picks = {int(pick_next_tokens(logits, options, np.zeros((1, 0), np.int64), rng)[0]) for _ in range(200)}
+    assert picks == {0, 1}
+
+
+def test_stop_tokens_end_generation(model, golden):
+    inputs = golden_inputs(golden)
+    stop_at = int(golden["gen_new_tokens"][5])
+    out = model.generate(**inputs, max_new_tokens=20, stop_token_ids=[stop_at])
+    assert out.new_tokens[0].tolist() == golden["gen_new_tokens"][:6].tolist()
+
+
+def test_streaming_equals_final_text(model, processor, meta):
+    pieces = list(model.chat(processor, PROMPT, video=VIDEO, max_new_tokens=20, stream=True))
+    assert "".join(pieces) == meta["gen_decoded"]
+    assert len(pieces) > 1
+
+
+def test_stream_decoder_holds_split_characters(processor):
+    from cogvlm2.cogvlm2_tokenizer import StreamDecoder
+    tokenizer = processor.tokenizer
+    text = "猫🐈 é"
+    ids = tokenizer.encode(text)
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push([i]) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_multi_turn_reuses_frame_embeddings(model, processor, monkeypatch):
+    model.clear_video_cache()
+    calls = []
+    original = model.encode_video
+    monkeypatch.setattr(model, "encode_video", lambda pixels: calls.append(1) or original(pixels))
+    first = model.chat(processor, "What animal is shown?", video=VIDEO, max_new_tokens=6)
+    history = [("What animal is shown?", first)]
+    second = model.chat(processor, "What happens next?", video=VIDEO, history=history, max_new_tokens=6)
+    assert len(calls) == 1                                   # the second turn did not run the tower
+    fresh = processor(text="What happens next?", video=VIDEO, history=history)
+    keys = ("input_ids", "token_type_ids", "position_ids", "pixel_values")
+    expected = model.generate(**{k: fresh[k] for k in keys}, max_new_tokens=6).new_tokens[0]
+    assert second == processor.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_context_overflow_is_a_clear_error(model, golden):
+    with pytest.raises(ContextLengthError, match=r"412 tokens and 1700 new tokens.*2048"):
+        model.generate(**golden_inputs(golden), max_new_tokens=1700)
