@@ -256,6 +256,26 @@ class CogVLM2ForVideo(PreTrainedModel):
                 raise ValueError(f"{name} has shape {arr.shape}, input_ids has {ids.shape}; they must match")
         return ids, types, positions, mask
 
+    # ----- mindformers Trainer flow hooks (issue 5; the logic is in cogvlm2_mindformers.py) ------
+    # MultiModalToTextGenerationTrainer builds this model without initial values, loads the
+    # checkpoint with mindspore.load_param_into_net (HF directories through convert_weight_dict),
+    # then calls init_parameters_data, which would silently fill missing weights with random values.
+    def convert_name(self, weight_name: str):
+        from cogvlm2.cogvlm2_mindformers import convert_name
+        return convert_name(weight_name)
+
+    def convert_weight_dict(self, source_dict, **kwargs):
+        from cogvlm2.cogvlm2_mindformers import convert_weight_dict
+        return convert_weight_dict(self, source_dict, **kwargs)
+
+    def obtain_qkv_ffn_concat_keys(self):
+        return None   # q, k and v are one fused tensor in the checkpoint already
+
+    def init_parameters_data(self, auto_parallel_mode=False):
+        from cogvlm2.cogvlm2_mindformers import check_parameters_loaded
+        check_parameters_loaded(self)
+        return super().init_parameters_data(auto_parallel_mode)
+
 
 def _as_2d(x, name: str) -> np.ndarray:
     arr = x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
