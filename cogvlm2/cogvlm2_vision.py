@@ -23,8 +23,7 @@ class Conv2d(nn.Cell):
         self.stride = kernel_size
 
     def construct(self, x):
-        x = ops.conv2d(x, self.weight, stride=self.stride, pad_mode="valid")
-        return x + self.bias.reshape(1, -1, 1, 1)
+        return ops.bias_add(ops.conv2d(x, self.weight, stride=self.stride, pad_mode="valid"), self.bias)
 
 
 class PatchEmbedding(nn.Cell):
@@ -42,7 +41,7 @@ class PatchEmbedding(nn.Cell):
         x = x.reshape(t, c, -1).swapaxes(1, 2)                  # (T, 256, C)
         cls = ops.broadcast_to(self.cls_embedding.reshape(1, 1, c), (t, 1, c))
         x = ops.concat((cls, x), 1)                             # (T, 257, C)
-        return x + self.position_embedding.weight.reshape(1, -1, c)
+        return x + ops.broadcast_to(self.position_embedding.weight.reshape(1, -1, c), x.shape)
 
 
 class Attention(nn.Cell):
@@ -56,11 +55,14 @@ class Attention(nn.Cell):
         self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, True, dtype)
         self.dense = Linear(config.hidden_size, config.hidden_size, True, dtype)
 
+    def _heads(self, x):
+        t, length, _ = x.shape
+        return x.reshape(t, length, self.num_heads, self.head_dim).swapaxes(1, 2)  # (T, heads, 257, d)
+
     def construct(self, x):
         t, length, _ = x.shape
-        qkv = self.query_key_value(x).reshape(t, length, 3, self.num_heads, self.head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)                      # (3, T, heads, 257, d)
-        out = attention(qkv[0], qkv[1], qkv[2], None, self.scale)  # (T, heads, 257, d)
+        q, k, v = ops.split(self.query_key_value(x), self.num_heads * self.head_dim, -1)  # 3 x (T, 257, C)
+        out = attention(self._heads(q), self._heads(k), self._heads(v), None, self.scale)
         out = out.swapaxes(1, 2).reshape(t, length, -1)
         return self.dense(out)
 

@@ -20,8 +20,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 __all__ = ["CheckpointError", "HF_INDEX", "MS_INDEX", "hf_to_ms_name", "read_safetensors",
-           "checkpoint_files", "iter_checkpoint", "expected_shapes", "convert_checkpoint",
-           "is_converted_dir"]
+           "checkpoint_files", "iter_checkpoint", "expected_shapes", "expected_layout", "checkpoint_layout",
+           "transposed_parameters", "to_model_layout", "convert_checkpoint", "is_converted_dir"]
 
 HF_INDEX = "model.safetensors.index.json"
 MS_INDEX = "mindspore_model.index.json"    # marks a directory written by convert_checkpoint
@@ -40,6 +40,30 @@ def hf_to_ms_name(name: str) -> Optional[str]:
     if SKIPPED_TENSORS.search(name):
         return None
     return name
+
+
+def transposed_parameters(model) -> set:
+    """Names of the parameters stored transposed relative to the PyTorch checkpoint (``Linear``
+    weights, kept (in, out) for the CPU MatMul)."""
+    names = set()
+    for prefix, cell in model.cells_and_names():
+        for attr in getattr(cell, "transposed_in_checkpoint", ()):
+            names.add(f"{prefix}.{attr}" if prefix else attr)
+    return names
+
+
+def checkpoint_layout(model) -> Dict[str, Tuple[Tuple[int, ...], bool]]:
+    """{parameter name: (shape in a HF checkpoint, transposed in the model?)}."""
+    transposed = transposed_parameters(model)
+    layout = {}
+    for name, param in model.parameters_and_names():
+        shape = tuple(param.shape)
+        layout[name] = (shape[::-1] if name in transposed else shape, name in transposed)
+    return layout
+
+
+def to_model_layout(array: np.ndarray, transposed: bool) -> np.ndarray:
+    return np.ascontiguousarray(array.T if transposed else array)
 
 
 # ----- reading -----------------------------------------------------------------------------------
@@ -98,7 +122,9 @@ def is_converted_dir(directory: str) -> bool:
 
 
 def iter_checkpoint(directory: str) -> Iterator[Tuple[str, str, np.ndarray]]:
-    """Yield (shard path, model parameter name, array) for every parameter tensor of a checkpoint."""
+    """Yield (shard path, model parameter name, array) for every parameter tensor of a checkpoint, in
+    the checkpoint's layout: a HF directory holds PyTorch (out, in) Linear weights, a converted
+    directory holds the model's own layout."""
     for path in checkpoint_files(directory):
         for name, array in read_safetensors(path):
             ms_name = hf_to_ms_name(name)
@@ -108,13 +134,18 @@ def iter_checkpoint(directory: str) -> Iterator[Tuple[str, str, np.ndarray]]:
 
 # ----- the model's expected tensors --------------------------------------------------------------
 
-def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
-    """Every parameter name and shape of the model ``config`` describes, without allocating weights."""
+def expected_layout(config) -> Dict[str, Tuple[Tuple[int, ...], bool]]:
+    """``checkpoint_layout`` of the model ``config`` describes, built without allocating weights."""
     from mindspore.nn.utils import no_init_parameters
     from cogvlm2.cogvlm2 import CogVLM2ForVideo
     with no_init_parameters():
         model = CogVLM2ForVideo(config, compile_graphs=False)
-    return {name: tuple(p.shape) for name, p in model.parameters_and_names()}
+    return checkpoint_layout(model)
+
+
+def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """Every parameter name and its shape in a HF checkpoint, without allocating weights."""
+    return {name: shape for name, (shape, _) in expected_layout(config).items()}
 
 
 def check_tensor(name: str, shape, expected: Dict[str, Tuple[int, ...]], source: str):
@@ -164,7 +195,8 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str = "bf16", ove
         raise CheckpointError(f"{output_dir}: output already exists; pass --overwrite to replace it")
     config = CogVLM2Config.from_hf_config(input_dir)
     shards = checkpoint_files(input_dir)
-    expected = expected_shapes(config)
+    layout = expected_layout(config)
+    expected = {name: shape for name, (shape, _) in layout.items()}
 
     parent = os.path.dirname(output_dir) or "."
     os.makedirs(parent, exist_ok=True)
@@ -183,7 +215,8 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str = "bf16", ove
                 check_tensor(ms_name, array.shape, expected, os.path.basename(shard))
                 if ms_name in weight_map:
                     raise CheckpointError(f"{shard}: tensor {name} appears twice in the checkpoint")
-                tensors.append({"name": ms_name, "data": Tensor(np.ascontiguousarray(array)).astype(target)})
+                array = to_model_layout(array, layout[ms_name][1])
+                tensors.append({"name": ms_name, "data": Tensor(array).astype(target)})
                 weight_map[ms_name] = out_name
             _save_shard(tensors, os.path.join(staging, out_name))
             del tensors

@@ -41,7 +41,7 @@ def inputs():
 
 def test_image_model_parameter_names():
     names = dict(CogVLM2ForVideo(CogVLM2Config(expert_set="vision_language", **SMALL)).parameters_and_names())
-    assert names["model.layers.0.self_attn.vision_expert_query_key_value.weight"].shape == (64, 32)
+    assert names["model.layers.0.self_attn.vision_expert_query_key_value.weight"].shape == (32, 64)  # (in, out)
     assert names["model.layers.0.self_attn.vision_expert_query_key_value.bias"].shape == (64,)
     assert "model.layers.1.self_attn.vision_expert_dense.weight" in names
     assert "model.layers.1.mlp.vision_mlp.gate_proj.weight" in names
