@@ -44,6 +44,7 @@ class CausalLMStep(nn.Cell):
         self.model = model
         self.lm_head = lm_head
 
+    @ms.jit   # compiled as a graph in PYNATIVE_MODE too (GRAPH_MODE compiles every Cell anyway)
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
                   logits_index):
         hidden, new_past = self.model(input_ids, vision_embeds, vision_index, expert_mask, position_ids,

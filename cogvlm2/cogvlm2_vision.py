@@ -138,6 +138,7 @@ class EVA2CLIPModel(nn.Cell):
         self.boi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="boi")
         self.eoi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="eoi")
 
+    @ms.jit   # compiled as a graph in PYNATIVE_MODE too
     def construct(self, images):
         x = self.patch_embedding(images.astype(self.compute_dtype))  # (T, 257, Cv)
         x = self.transformer(x)
