@@ -8,11 +8,12 @@ Importing this module (``import cogvlm2`` does) makes that flow work for CogVLM2
 
 - ``register_pipeline_task``: 1.8's ``MindFormerBook`` has no ``multi_modal_to_text_generation``
   entry, so ``pipeline()`` raises KeyError; we add it (pointing at ``cogvlm2_pipeline.yaml``).
-- ``CogVLM2VideoPipeline``: the task's pipeline. For a ``CogVLM2ForVideo`` it drops the processor
-  outputs that are not model inputs (``frame_indices``, ``frames_per_sample``), takes the generation
-  settings of the YAML ``model_config`` (``max_new_tokens``, ``max_decode_length``, ``do_sample``,
-  ``top_k``, ...), and hands ``post_process`` the generated ids of each sample. Any other network
-  gets mindformers' stock behaviour.
+- ``CogVLM2VideoPipeline``: the task's pipeline, registered under the task name in place of
+  mindformers' ``MultiModalToTextPipeline``, which it extends. For a ``CogVLM2ForVideo`` it drops
+  the processor outputs that are not model inputs (``frame_indices``, ``frames_per_sample``),
+  takes the generation settings of the YAML ``model_config`` (``max_new_tokens``,
+  ``max_decode_length``, ``do_sample``, ``top_k``, ...), and hands ``post_process`` the generated
+  ids of each sample. Any other network gets mindformers' stock behaviour.
 - strict checkpoint loading: mindformers only *warns* about parameters missing from the checkpoint
   and then fills them with random initial values. ``convert_weight_dict`` (HF directories) and
   ``check_parameters_loaded`` (run by ``CogVLM2ForVideo.init_parameters_data``) raise a
@@ -23,7 +24,7 @@ Trainer, to show progress and stream the answer.
 """
 import os
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 from mindformers.mindformer_book import MindFormerBook
@@ -51,8 +52,8 @@ GENERATION_KEYS = {
     "repetition_penalty": "repetition_penalty",
     "seed": "seed",
 }
-# processor outputs that describe the inputs but are not model inputs
-INFO_KEYS = ("frame_indices", "frames_per_sample")
+# processor outputs that describe the inputs but are not model inputs (raw_query: other processors')
+INFO_KEYS = ("frame_indices", "frames_per_sample", "raw_query")
 
 
 # ----- the predict task --------------------------------------------------------------------------
@@ -90,10 +91,8 @@ def model_inputs(inputs: Dict[str, object]) -> Dict[str, object]:
     Drops ``frame_indices`` and ``frames_per_sample`` after checking that the frames add up (the
     model takes the frames of a batch in sample order, as the processor concatenates them).
     """
-    inputs = dict(inputs)
-    frames_per_sample = inputs.pop("frames_per_sample", None)
-    inputs.pop("frame_indices", None)
-    inputs.pop("raw_query", None)
+    frames_per_sample = inputs.get("frames_per_sample")
+    inputs = {key: value for key, value in inputs.items() if key not in INFO_KEYS}
     pixels = inputs.get("pixel_values")
     if frames_per_sample is not None:
         total = int(np.sum(frames_per_sample))
@@ -127,11 +126,11 @@ class CogVLM2VideoPipeline(MultiModalToTextPipeline):
                    if pipeline_parameters.get(key) is not None}
         return {}, forward, {}
 
-    def _forward(self, model_inputs, **forward_params):  # pylint: disable=redefined-outer-name
+    def _forward(self, inputs, **forward_params):
         from cogvlm2.cogvlm2 import CogVLM2ForVideo
         if not isinstance(self.network, CogVLM2ForVideo):
-            return super()._forward(model_inputs)
-        return {"output_ids": generate_ids(self.network, model_inputs, **forward_params)}
+            return super()._forward(inputs)
+        return {"output_ids": generate_ids(self.network, inputs, **forward_params)}
 
 
 # ----- strict checkpoint loading in the Trainer flow ---------------------------------------------
@@ -162,14 +161,14 @@ def convert_weight_dict(model, source_dict: Dict[str, object], **kwargs) -> Dict
     return converted
 
 
-def check_parameters_loaded(model, parameters: Optional[Iterable] = None):
+def check_parameters_loaded(model):
     """Raise a CheckpointError if a parameter was never given a value.
 
     In the Trainer flow the network is built without initial values (``no_init_parameters``) and the
     checkpoint fills it; whatever is still uninitialised was missing from the checkpoint (mindformers
     would fill it with random values and only log a warning).
     """
-    params = list(model.get_parameters() if parameters is None else parameters)
+    params = list(model.get_parameters())
     missing = [p.name for p in params if p.has_init]
     if missing:
         raise CheckpointError(

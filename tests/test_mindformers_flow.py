@@ -6,7 +6,6 @@ file), so every flow test runs in a temporary directory.
 """
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
