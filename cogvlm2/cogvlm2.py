@@ -48,9 +48,8 @@ class CausalLMStep(nn.Cell):
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
                   logits_index):
         hidden, new_past = self.model(input_ids, vision_embeds, vision_index, expert_mask, position_ids,
-                                      bias, past)                                  # (B, L, H)
-        b, length, h = hidden.shape
-        picked = ops.gather_nd(hidden.reshape(b * length, h), logits_index)        # (M, H)
+                                      bias, past)                                  # (B*L, H)
+        picked = ops.gather_nd(hidden, logits_index)                               # (M, H)
         return self.lm_head(picked).astype(ms.float32), new_past                   # (M, vocab)
 
 

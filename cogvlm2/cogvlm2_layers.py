@@ -52,11 +52,14 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul()
 
     def construct(self, x):
+        if x.ndim == 2:                                                  # (N, in): no reshapes
+            return self._matmul(x)
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)           # (N, out)
-        if self.bias is not None:
-            y = ops.bias_add(y, self.bias)
-        return y.reshape(shape[:-1] + (self.out_features,))
+        return self._matmul(x.reshape(-1, shape[-1])).reshape(shape[:-1] + (self.out_features,))
+
+    def _matmul(self, x):
+        y = self.matmul(x, self.weight)                                  # (N, out)
+        return y if self.bias is None else ops.bias_add(y, self.bias)
 
 
 class LayerNorm(nn.Cell):
@@ -83,12 +86,13 @@ class RMSNorm(nn.Cell):
         self.matmul = ops.MatMul()
 
     def construct(self, x):
-        dtype, shape = x.dtype, x.shape
-        x = x.astype(ms.float32).reshape(-1, shape[-1])                     # (N, H)
+        """x: (N, H) -> (N, H)."""
+        dtype = x.dtype
+        x = x.astype(ms.float32)
         variance = self.matmul(ops.square(x), self.mean_vector)             # (N, 1)
         x = x * ops.broadcast_to(ops.rsqrt(variance + self.eps), x.shape)
         x = x * ops.broadcast_to(self.weight.astype(ms.float32), x.shape)
-        return x.astype(dtype).reshape(shape)
+        return x.astype(dtype)
 
 
 class Embedding(nn.Cell):

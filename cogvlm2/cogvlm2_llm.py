@@ -64,8 +64,9 @@ def apply_rotary(x, rope):
 
 
 def _route(expert_mask, language_out, vision_out):
-    """Per-token expert choice; expert_mask (B, L) is 1 where the vision expert applies."""
-    m = ops.broadcast_to(expert_mask.expand_dims(-1).astype(language_out.dtype), language_out.shape)
+    """Per-token expert choice on flat (B*L, D) outputs; expert_mask (B, L) is 1 where the vision
+    expert applies."""
+    m = ops.broadcast_to(expert_mask.reshape(-1, 1).astype(language_out.dtype), language_out.shape)
     return language_out + (vision_out - language_out) * m
 
 
@@ -88,24 +89,24 @@ class VisionExpertAttention(nn.Cell):
             self.vision_expert_query_key_value = Linear(self.hidden_size, qkv_size, True, dtype)
             self.vision_expert_dense = Linear(self.hidden_size, self.hidden_size, False, dtype)
 
-    def _heads(self, x, heads):
-        b, length, _ = x.shape
+    def _heads(self, x, heads, b, length):
         return x.reshape(b, length, heads, self.head_dim).swapaxes(1, 2)   # (B, heads, L, d)
 
     def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value):
-        b, length, _ = x.shape
-        qkv = self.language_expert_query_key_value(x)                      # (B, L, H + 2*kv)
+        """x: (B*L, H) flat tokens; rope_q/rope_k: (cos, sin) each (B, heads, L, d)."""
+        b, _, length, _ = rope_q[0].shape
+        qkv = self.language_expert_query_key_value(x)                      # (B*L, H + 2*kv)
         if self.has_vision_expert:
             qkv = _route(expert_mask, qkv, self.vision_expert_query_key_value(x))
-        q = self._heads(qkv[:, :, :self.hidden_size], self.num_heads)
-        k = self._heads(qkv[:, :, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads)
-        v = self._heads(qkv[:, :, self.hidden_size + self.kv_size:], self.num_kv_heads)
+        q = self._heads(qkv[:, :self.hidden_size], self.num_heads, b, length)
+        k = self._heads(qkv[:, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads, b, length)
+        v = self._heads(qkv[:, self.hidden_size + self.kv_size:], self.num_kv_heads, b, length)
         q = apply_rotary(q, rope_q)
         k = apply_rotary(k, rope_k)
         key = ops.concat((past_key, k), 2)                                 # (B, Hkv, S + L, d)
         value = ops.concat((past_value, v), 2)
         out = attention(q, key, value, bias, self.scale)                   # (B, Hq, L, d)
-        out = out.swapaxes(1, 2).reshape(b, length, self.hidden_size)
+        out = out.swapaxes(1, 2).reshape(b * length, self.hidden_size)
         dense = self.language_expert_dense(out)
         if self.has_vision_expert:
             dense = _route(expert_mask, dense, self.vision_expert_dense(out))
@@ -151,6 +152,7 @@ class CogVLMDecoderLayer(nn.Cell):
         self.mlp = VisionExpertMLP(config, dtype)
 
     def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value):
+        """x: (B*L, H) -> (B*L, H) and this layer's extended cache."""
         attn, key, value = self.self_attn(self.input_layernorm(x), expert_mask, rope_q, rope_k, bias,
                                           past_key, past_value)
         h = x + attn
@@ -181,14 +183,13 @@ class CogVLM2Model(nn.Cell):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     def embed(self, input_ids, vision_embeds, vision_index):
-        """Token embeddings with vision embeddings scattered in.
+        """Token embeddings with vision embeddings scattered in, flat: (B*L, H). The decoder keeps
+        activations 2-D (fewer shape ops per step); only attention views them as (B, heads, L, d).
 
         input_ids (B, L); vision_embeds (N, H); vision_index (N, 1) flat positions b*L + l.
         """
-        b, length = input_ids.shape
-        x = self.embed_tokens(input_ids).astype(self.compute_dtype).reshape(b * length, self.hidden_size)
-        x = ops.tensor_scatter_update(x, vision_index, vision_embeds.astype(self.compute_dtype))
-        return x.reshape(b, length, self.hidden_size)                      # (B, L, H)
+        x = self.embed_tokens(input_ids.reshape(-1)).astype(self.compute_dtype)   # (B*L, H)
+        return ops.tensor_scatter_update(x, vision_index, vision_embeds.astype(self.compute_dtype))
 
     def layer_inputs(self, position_ids, bias):
         """What every layer shares: rotary angles expanded to the q and k heads, and the attention
@@ -201,6 +202,7 @@ class CogVLM2Model(nn.Cell):
     def trace(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias):
         """Like ``construct`` without a cache, layer by layer (for checking against the reference):
         -> [input embeddings, input of layers 1..n-1, final norm output], each (B, L, H)."""
+        shape = input_ids.shape + (self.hidden_size,)
         x = self.embed(input_ids, vision_embeds, vision_index)
         rope_q, rope_k, bias = self.layer_inputs(position_ids, bias)
         empty = ops.zeros((input_ids.shape[0], self.num_kv_heads, 0, self.head_dim), x.dtype)
@@ -208,10 +210,10 @@ class CogVLM2Model(nn.Cell):
         for layer in self.layers:
             x, _, _ = layer(x, expert_mask, rope_q, rope_k, bias, empty, empty)
             states.append(x)
-        return states[:-1] + [self.norm(x)]
+        return [h.reshape(shape) for h in states[:-1] + [self.norm(x)]]
 
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past):
-        """-> final-norm hidden states (B, L, H) and the new cache (k0, v0, k1, v1, ...)."""
+        """-> final-norm hidden states (B*L, H) and the new cache (k0, v0, k1, v1, ...)."""
         x = self.embed(input_ids, vision_embeds, vision_index)
         rope_q, rope_k, bias = self.layer_inputs(position_ids, bias)
         new_past = ()
