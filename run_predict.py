@@ -316,10 +316,12 @@ def run(args, out, progress: Progress) -> int:
     answers = []
     for begin in range(0, len(queries), batch_size):
         batch = queries[begin:begin + batch_size]
-        with progress.step("reading frames") as result:
+        has_media = any(len(query) > 1 for query in batch)
+        with progress.step("reading frames" if has_media else "tokenizing") as result:
             inputs = processor(query_list=batch if len(batch) > 1 else batch[0])
             frames = 0 if inputs.get("pixel_values") is None else len(inputs["pixel_values"])
-            result.append(f"{frames} frames, {inputs['input_ids'].shape[1]} prompt tokens")
+            tokens = f"{inputs['input_ids'].shape[1]} prompt tokens"
+            result.append(f"{frames} frames, {tokens}" if has_media else tokens)
         inputs = model_inputs(inputs)
         pixels = inputs.pop("pixel_values", None)
         if pixels is not None:
