@@ -62,13 +62,17 @@ def test_readme_command_prints_the_reference_answer(workdir, meta):
     assert (workdir / RESULT_FILE).read_text(encoding="utf-8") == str([meta["gen_decoded"]])
 
 
-def test_stream_batches_and_max_new_tokens(cli, capsys, workdir, meta):
-    """--stream prints tokens as they come; a batch of two questions answers like two single runs."""
+def test_stream_batches_and_max_new_tokens(cli, capsys, monkeypatch, workdir, meta):
+    """--stream prints tokens as they come; a batch of two questions answers like two single runs;
+    run_mindformer.py's other flags are accepted."""
     from cogvlm2 import CogVLM2Tokenizer
     decode = CogVLM2Tokenizer().decode
     expected = [decode(meta["gen_new_tokens"][:8]), decode(meta["text_gen_new_tokens"][:8])]
+    monkeypatch.setenv("REGISTER_PATH", "")          # --register_path sets it, as run_mindformer.py does
+    monkeypatch.setattr(sys, "path", list(sys.path))
     two_questions = ["--predict_data", VIDEO, PROMPT, PROMPT, "--modal_type", "video", "text", "text",
-                     "--config", TINY_YAML, "--load_checkpoint", TINY, "--max_new_tokens", "8"]
+                     "--config", TINY_YAML, "--load_checkpoint", TINY, "--max_new_tokens", "8",
+                     "--run_mode", "predict", "--device_target", "CPU", "--device_id", "0", "--register_path", REPO]
     assert cli.main(two_questions + ["--stream"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "".join(answer + "\n" for answer in expected)
