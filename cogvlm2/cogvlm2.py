@@ -195,8 +195,10 @@ class CogVLM2ForVideo(PreTrainedModel):
     # ----- generation ----------------------------------------------------------------------------
     def generate(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
                  attention_mask=None, vision_embeds=None, generation_config=None, on_tokens=None,
-                 **options) -> GenerationOutput:
-        """Generate with the KV cache from processor outputs (B, L), left-padded for batches.
+                 frame_indices=None, frames_per_sample=None, **options) -> GenerationOutput:
+        """Generate with the KV cache from processor outputs (B, L), left-padded for batches, so
+        ``model.generate(**processor(...), max_new_tokens=...)`` works (``frame_indices`` is
+        informational; ``frames_per_sample`` is checked against ``pixel_values``).
 
         Options: max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
         repetition_penalty, seed, stop_token_ids (or a GenerationConfig-like ``generation_config``).
@@ -204,6 +206,10 @@ class CogVLM2ForVideo(PreTrainedModel):
         ``new_tokens`` are the generated ids of each sample (no prompt echo).
         """
         ids, types, positions, mask = self._prepare(input_ids, token_type_ids, position_ids, attention_mask)
+        if frames_per_sample is not None and pixel_values is not None \
+                and int(np.sum(frames_per_sample)) != len(pixel_values):
+            raise ValueError(f"frames_per_sample sums to {int(np.sum(frames_per_sample))} but pixel_values "
+                             f"holds {len(pixel_values)} frames; pass the processor's outputs unchanged")
         rows = self._vision_rows(pixel_values, vision_embeds)
         opts = GenerationOptions.from_kwargs(generation_config, **options)
         return generation.generate(self, ids, types, positions, mask, rows, opts, on_tokens)
