@@ -52,9 +52,6 @@ GENERATION_KEYS = {
     "repetition_penalty": "repetition_penalty",
     "seed": "seed",
 }
-# processor outputs that describe the inputs but are not model inputs (raw_query: other processors')
-INFO_KEYS = ("frame_indices", "frames_per_sample", "raw_query")
-
 
 # ----- the predict task --------------------------------------------------------------------------
 def register_pipeline_task():
@@ -86,21 +83,9 @@ def generation_defaults(config) -> Dict[str, object]:
 
 
 def model_inputs(inputs: Dict[str, object]) -> Dict[str, object]:
-    """Processor outputs -> ``CogVLM2ForVideo.generate`` keyword arguments.
-
-    Drops ``frame_indices`` and ``frames_per_sample`` after checking that the frames add up (the
-    model takes the frames of a batch in sample order, as the processor concatenates them).
-    """
-    frames_per_sample = inputs.get("frames_per_sample")
-    inputs = {key: value for key, value in inputs.items() if key not in INFO_KEYS}
-    pixels = inputs.get("pixel_values")
-    if frames_per_sample is not None:
-        total = int(np.sum(frames_per_sample))
-        given = 0 if pixels is None else len(pixels)
-        if total != given:
-            raise ValueError(f"frames_per_sample adds up to {total} frames but pixel_values holds {given}; "
-                             "build the batch with CogVLM2Processor")
-    return inputs
+    """Processor outputs -> ``CogVLM2ForVideo.generate`` keyword arguments: everything but other
+    processors' ``raw_query`` (generate takes and checks ``frame_indices``/``frames_per_sample``)."""
+    return {key: value for key, value in inputs.items() if key != "raw_query"}
 
 
 def generate_ids(model, inputs: Dict[str, object], on_tokens=None, **options) -> List[np.ndarray]:

@@ -84,6 +84,13 @@ def test_batch_equals_single(model, processor):
         assert tokens.tolist() == single.new_tokens[0].tolist()
 
 
+def test_frames_per_sample_must_match_the_frames(model, processor):
+    batch = processor([[{"video": VIDEO}, {"text": PROMPT}], [{"text": PROMPT}]])
+    batch["frames_per_sample"] = np.array([6, 2])
+    with pytest.raises(ValueError, match="frames_per_sample sums to 8 but pixel_values holds 6 frames"):
+        model.generate(**batch, max_new_tokens=2)
+
+
 def test_sampling_is_seeded_and_respects_top_k(model, golden):
     inputs = golden_inputs(golden, "text_")
     kwargs = dict(max_new_tokens=12, do_sample=True, top_k=3, temperature=1.5, output_scores=True)
