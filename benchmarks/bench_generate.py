@@ -69,20 +69,12 @@ def decode_rate(model, inputs, new_tokens: int, runs: int, pixel_values=None):
 
 
 def nocache_rate(model, inputs, pixel_values, new_tokens: int) -> float:
-    """Greedy decoding that re-runs the whole sequence for every new token (logits at the last one)."""
-    from cogvlm2.cogvlm2 import causal_bias
-    ids, types, positions = inputs["input_ids"], inputs["token_type_ids"], inputs["position_ids"]
-    rows = model._vision_rows(pixel_values, None)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        length = ids.shape[1]
-        logits, _ = model.run_step(ids, rows, types, positions, causal_bias(np.ones_like(ids), 0),
-                                   model.empty_cache(1), np.array([length - 1]))
-        token = logits.asnumpy().argmax(-1)
-        ids = np.concatenate([ids, token[None]], 1)
-        types = np.concatenate([types, [[0]]], 1)
-        positions = np.concatenate([positions, positions.max(-1, keepdims=True) + 1], 1)
-    return new_tokens / (time.perf_counter() - start)
+    """Greedy decoding that re-runs the whole sequence for every new token (``use_past: False``)."""
+    model.config.use_past = False
+    try:
+        return decode_rate(model, inputs, new_tokens, 1, pixel_values)
+    finally:
+        model.config.use_past = True
 
 
 def decode_bytes(model) -> int:

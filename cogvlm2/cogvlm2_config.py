@@ -178,6 +178,9 @@ class CogVLM2Config(PretrainedConfig):
              f"{v.grid_size ** 2 + 1}"),
             (v.grid_size % self.adapter_conv_size == 0,
              f"adapter_conv_size {self.adapter_conv_size} must divide the patch grid {v.grid_size}"),
+            (not self.use_flash_attention,
+             "use_flash_attention: fused Ascend attention is not part of this plugin; set it to False "
+             "(the portable attention runs on Ascend and CPU)"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),
         ]

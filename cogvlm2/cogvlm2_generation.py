@@ -111,11 +111,13 @@ def pick_next_tokens(logits: np.ndarray, options: GenerationOptions, history: np
 
 def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, position_ids: np.ndarray,
                 attention_mask: np.ndarray, vision_embeds, options: GenerationOptions) -> Iterator[np.ndarray]:
-    """Greedy or sampled decoding with the KV cache: yields, one step at a time, the new token of every
-    row (B,) int64 (the pad id for rows that already stopped) and the logits (B, vocab) it came from.
+    """Greedy or sampled decoding: yields, one step at a time, the new token of every row (B,) int64
+    (the pad id for rows that already stopped) and the logits (B, vocab) it came from.
 
     All inputs are (B, L) numpy arrays, left-padded (attention_mask 0 on padding); vision_embeds holds
-    the rows for the VISION tokens in row-major order, or None.
+    the rows for the VISION tokens in row-major order, or None. With ``config.use_past`` (default)
+    each step runs only the new token against the KV cache; without it, the whole sequence is run
+    again every step (the reference's ``use_cache=False``; slow, for checking).
     """
     from cogvlm2.cogvlm2 import causal_bias
     config = model.config
@@ -125,27 +127,33 @@ def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, positi
                          else config.stop_token_ids), dtype=np.int64)
     rng = np.random.default_rng(options.seed)
 
+    ids, types = input_ids.astype(np.int64), token_type_ids.astype(np.int64)
+    positions, mask = position_ids.astype(np.int64), attention_mask.astype(np.int64)
     last = np.arange(batch) * prompt_length + prompt_length - 1          # flat index of each last token
-    logits, past = model.run_step(input_ids, vision_embeds, token_type_ids, position_ids,
-                                  causal_bias(attention_mask, 0), model.empty_cache(batch), last)
-    mask = attention_mask.astype(np.int64)
-    next_position = position_ids.max(-1, keepdims=True) + 1              # (B, 1)
-    history = input_ids.astype(np.int64)
+    logits, past = model.run_step(ids, vision_embeds, types, positions, causal_bias(mask, 0),
+                                  model.empty_cache(batch), last)
     finished = np.zeros(batch, dtype=bool)
     language = np.zeros((batch, 1), dtype=np.int64)
     for step in range(max_new):
         logits = logits.asnumpy()
-        tokens = pick_next_tokens(logits, options, history, rng)
+        tokens = pick_next_tokens(logits, options, ids, rng)
         tokens = np.where(finished, config.pad_token_id, tokens)
         yield tokens, logits
         finished |= np.isin(tokens, stop)
         if finished.all() or step == max_new - 1:
             return
-        history = np.concatenate([history, tokens[:, None]], 1)
+        next_position = positions.max(-1, keepdims=True) + 1            # (B, 1)
+        ids = np.concatenate([ids, tokens[:, None]], 1)
+        types = np.concatenate([types, language], 1)
+        positions = np.concatenate([positions, next_position], 1)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
-        logits, past = model.run_step(tokens[:, None], None, language, next_position,
-                                      causal_bias(mask, mask.shape[1] - 1), past, np.arange(batch))
-        next_position = next_position + 1
+        length = ids.shape[1]
+        if config.use_past:
+            logits, past = model.run_step(tokens[:, None], None, language, next_position,
+                                          causal_bias(mask, length - 1), past, np.arange(batch))
+        else:
+            logits, _ = model.run_step(ids, vision_embeds, types, positions, causal_bias(mask, 0),
+                                       model.empty_cache(batch), np.arange(batch) * length + length - 1)
 
 
 def new_token_budget(config, prompt_length: int, options: GenerationOptions) -> int:

@@ -57,6 +57,13 @@ def test_greedy_tokens_and_scores_match_reference(model, golden, prefix):
         assert np.abs(scores[1] - golden["gen_step1_logits"]).max() <= 2e-5
 
 
+def test_recompute_without_cache_gives_the_same_tokens(golden):
+    """use_past: False re-runs the whole sequence each step, like the reference's use_cache=False."""
+    model = CogVLM2ForVideo.from_pretrained(TINY, use_past=False)
+    out = model.generate(**golden_inputs(golden), max_new_tokens=20)
+    assert out.new_tokens[0].tolist() == golden["gen_new_tokens_nocache"].tolist()
+
+
 def test_graphs_compile_once_for_all_lengths(model, golden):
     for prefix in ("", "text_", "hist_"):
         inputs = golden_inputs(golden, prefix)
