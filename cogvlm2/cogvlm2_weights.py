@@ -5,9 +5,9 @@ tensors that are not parameters (``rotary_emb.inv_freq``, recomputed from the co
 read one at a time through a memory map, so neither loading nor converting ever holds a whole model
 twice.
 
-safetensors files are read with ``read_safetensors`` (the documented 8-byte header + JSON layout and
+safetensors files are read and written here (the documented 8-byte header + JSON layout, with
 ``numpy.memmap``) because the ``safetensors`` package's numpy API has no bfloat16, the dtype of every
-CogVLM2 checkpoint.
+CogVLM2 checkpoint, and ``mindspore.save_checkpoint`` needs a whole file's tensors in memory at once.
 """
 import json
 import os
@@ -21,7 +21,8 @@ import numpy as np
 
 __all__ = ["CheckpointError", "HF_INDEX", "MS_INDEX", "hf_to_ms_name", "read_safetensors",
            "checkpoint_files", "iter_checkpoint", "expected_shapes", "expected_layout", "checkpoint_layout",
-           "transposed_parameters", "to_model_layout", "convert_checkpoint", "is_converted_dir"]
+           "transposed_parameters", "to_model_layout", "convert_checkpoint", "is_converted_dir",
+           "read_safetensors_raw", "write_safetensors", "encode_tensor"]
 
 HF_INDEX = "model.safetensors.index.json"
 MS_INDEX = "mindspore_model.index.json"    # marks a directory written by convert_checkpoint
@@ -66,14 +67,21 @@ def to_model_layout(array: np.ndarray, transposed: bool) -> np.ndarray:
     return np.ascontiguousarray(array.T if transposed else array)
 
 
-# ----- reading -----------------------------------------------------------------------------------
+# ----- reading and writing safetensors -----------------------------------------------------------
 
 def _bf16_to_fp32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def read_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yield (name, float32/float16 array) for each tensor of a safetensors file, one at a time."""
+def _fp32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def read_safetensors_raw(path: str) -> Iterator[Tuple[str, str, np.ndarray]]:
+    """Yield (name, safetensors dtype, stored array) for each tensor: views into a memory map, so
+    nothing is read until used (bfloat16 comes as its uint16 bits)."""
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
@@ -90,8 +98,47 @@ def read_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
         if end > data.shape[0]:
             raise CheckpointError(f"{path}: tensor {name} runs past the end of the file (truncated?); "
                                   "re-download it")
-        array = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-        yield name, _bf16_to_fp32(array) if info["dtype"] == "BF16" else array
+        yield name, info["dtype"], data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def read_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yield (name, float32/float16 array) for each tensor of a safetensors file, one at a time."""
+    for name, st_dtype, array in read_safetensors_raw(path):
+        yield name, _bf16_to_fp32(array) if st_dtype == "BF16" else array
+
+
+def write_safetensors(path: str, entries):
+    """Write a safetensors file tensor by tensor. entries: (name, dtype "F32"/"F16"/"BF16", shape,
+    make) where make() returns the tensor's array (uint16 bits for BF16) when its turn comes, so
+    only one tensor is in memory at a time."""
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2}
+    header, offset = {"__metadata__": {"format": "ms"}}, 0
+    for name, st_dtype, shape, _ in entries:
+        size = int(np.prod(shape)) * itemsize[st_dtype]
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                                   # 8-byte aligned data
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, _, shape, make in entries:
+            array = np.ascontiguousarray(make())
+            if array.shape != tuple(shape):
+                raise CheckpointError(f"{path}: tensor {name} came out as {array.shape}, expected {tuple(shape)}")
+            f.write(memoryview(array).cast("B"))
+
+
+def encode_tensor(array: np.ndarray, st_dtype: str, transpose: bool, target: str) -> np.ndarray:
+    """A stored checkpoint array -> the model's layout in the target safetensors dtype. bfloat16 to
+    bfloat16 moves the bits unchanged."""
+    if st_dtype == "BF16" and target == "BF16":
+        return to_model_layout(array, transpose)
+    values = _bf16_to_fp32(array) if st_dtype == "BF16" else array.astype(np.float32)
+    values = to_model_layout(values, transpose)
+    if target == "BF16":
+        return _fp32_to_bf16(values)
+    return values.astype(np.float16 if target == "F16" else np.float32)
 
 
 def checkpoint_files(directory: str) -> List[str]:
@@ -167,27 +214,41 @@ def check_complete(seen, expected: Dict[str, Tuple[int, ...]], source: str):
 
 # ----- conversion --------------------------------------------------------------------------------
 
-def _save_shard(tensors, path: str):
-    import mindspore as ms
-    ms.save_checkpoint(tensors, path, format="safetensors")
+_TARGETS = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+
+def _convert_shard(shard: str, out_path: str, layout, expected, target: str, weight_map: Dict[str, str]):
+    """One input shard -> one output file in the model's layout, streamed tensor by tensor."""
+    entries = []
+    for name, st_dtype, array in read_safetensors_raw(shard):
+        ms_name = hf_to_ms_name(name)
+        if ms_name is None:
+            continue
+        check_tensor(ms_name, array.shape, expected, os.path.basename(shard))
+        if ms_name in weight_map:
+            raise CheckpointError(f"{shard}: tensor {name} appears twice in the checkpoint")
+        transpose = layout[ms_name][1]
+        shape = array.shape[::-1] if transpose else array.shape
+        entries.append((ms_name, target, shape,
+                        lambda a=array, d=st_dtype, t=transpose: encode_tensor(a, d, t, target)))
+        weight_map[ms_name] = os.path.basename(out_path)
+    write_safetensors(out_path, entries)
 
 
 def convert_checkpoint(input_dir: str, output_dir: str, dtype: str = "bf16", overwrite: bool = False,
                        progress=None) -> Dict[str, str]:
     """Convert a HF CogVLM2 checkpoint directory into a MindSpore checkpoint directory.
 
-    One output shard per input shard; each input shard is streamed tensor by tensor, so peak memory
-    is about one shard in the output dtype. Everything is written into a temporary directory next to
-    ``output_dir`` and renamed into place at the end, so an interrupted run leaves no partial output.
-    Returns the weight map {parameter name: file name}.
+    One output file per input shard, each written tensor by tensor from a memory map of the input,
+    so memory holds about one tensor (plus the input pages the OS keeps cached). Everything is
+    written into a temporary directory next to ``output_dir`` and renamed into place at the end, so
+    an interrupted run leaves no partial output. Returns the weight map {parameter name: file name}.
     """
-    import mindspore as ms
-    from mindspore import Tensor
     from cogvlm2.cogvlm2_config import CogVLM2Config
 
-    target = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}.get(dtype)
+    target = _TARGETS.get(dtype)
     if target is None:
-        raise CheckpointError(f"--dtype {dtype!r}: use one of fp32, fp16, bf16")
+        raise CheckpointError(f"--dtype {dtype!r}: use one of {', '.join(_TARGETS)}")
     if not os.path.isdir(input_dir):
         raise CheckpointError(f"{input_dir}: input directory does not exist; give the HF checkpoint folder")
     output_dir = os.path.abspath(output_dir)
@@ -204,22 +265,9 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str = "bf16", ove
     os.chmod(staging, 0o755)
     weight_map = {}
     try:
-        iterator = progress(shards) if progress else shards
-        for number, shard in enumerate(iterator, 1):
+        for number, shard in enumerate(progress(shards) if progress else shards, 1):
             out_name = f"mindspore_model-{number:05d}-of-{len(shards):05d}.safetensors"
-            tensors = []
-            for name, array in read_safetensors(shard):
-                ms_name = hf_to_ms_name(name)
-                if ms_name is None:
-                    continue
-                check_tensor(ms_name, array.shape, expected, os.path.basename(shard))
-                if ms_name in weight_map:
-                    raise CheckpointError(f"{shard}: tensor {name} appears twice in the checkpoint")
-                array = to_model_layout(array, layout[ms_name][1])
-                tensors.append({"name": ms_name, "data": Tensor(array).astype(target)})
-                weight_map[ms_name] = out_name
-            _save_shard(tensors, os.path.join(staging, out_name))
-            del tensors
+            _convert_shard(shard, os.path.join(staging, out_name), layout, expected, target, weight_map)
         check_complete(weight_map, expected, input_dir)
         config.save_hf_config(staging)
         with open(os.path.join(staging, MS_INDEX), "w", encoding="utf-8") as f:

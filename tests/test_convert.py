@@ -11,7 +11,7 @@ from mindspore import Tensor
 
 from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
 from cogvlm2.cogvlm2_weights import (HF_INDEX, CheckpointError, expected_shapes, hf_to_ms_name,
-                                     read_safetensors)
+                                     read_safetensors, transposed_parameters)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(FIXTURES, "tiny_chat")
@@ -132,3 +132,32 @@ def test_loader_names_the_bad_parameter(tmp_path):
     rewrite_shard(source2, lambda t: t.pop("model.vision.conv.bias"))
     with pytest.raises(CheckpointError, match=r"missing 1 parameter.*model\.vision\.conv\.bias"):
         CogVLM2ForVideo.from_pretrained(source2)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_converted_weights_equal_the_checkpoint(tmp_path, capsys, dtype):
+    out = tmp_path / dtype
+    code, _ = run_cli(capsys, "--input_path", TINY, "--output_path", str(out), "--dtype", dtype)
+    assert code == 0
+    model = CogVLM2ForVideo.from_pretrained(str(out))
+    params = dict(model.parameters_and_names())
+    transposed = transposed_parameters(model)
+    for shard in ("model-00001-of-00002.safetensors", SHARD2):
+        for name, array in read_safetensors(os.path.join(TINY, shard)):
+            if name.endswith("inv_freq"):
+                continue
+            expected = array.T if name in transposed else array
+            ours = params[name].asnumpy().astype(np.float32)
+            if dtype == "fp16":   # bf16 -> fp16 rounds to 11 significant bits
+                np.testing.assert_allclose(ours, expected, rtol=2 ** -11, atol=6e-8)
+            else:                 # bf16 values are exact in bf16 and fp32
+                assert np.array_equal(ours, expected), name
+
+
+def test_bf16_rounding_matches_mindspore():
+    from cogvlm2.cogvlm2_weights import _bf16_to_fp32, _fp32_to_bf16
+    values = np.random.default_rng(0).normal(0, 3, 10000).astype(np.float32)
+    values[:4] = [0.0, -0.0, 1.00390625, 1.01171875]      # exact ties round to even
+    ours = _bf16_to_fp32(_fp32_to_bf16(values))
+    theirs = Tensor(values).astype(ms.bfloat16).astype(ms.float32).asnumpy()
+    assert np.array_equal(ours, theirs)
