@@ -195,7 +195,7 @@ class CogVLM2ForVideo(PreTrainedModel):
     # ----- generation ----------------------------------------------------------------------------
     def generate(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
                  attention_mask=None, vision_embeds=None, generation_config=None, on_tokens=None,
-                 frame_indices=None, frames_per_sample=None, **options) -> GenerationOutput:
+                 frame_indices=None, frames_per_sample=None, tokenizer=None, **options) -> GenerationOutput:
         """Generate with the KV cache from processor outputs (B, L), left-padded for batches, so
         ``model.generate(**processor(...), max_new_tokens=...)`` works (``frame_indices`` is
         informational; ``frames_per_sample`` is checked against ``pixel_values``).
@@ -203,7 +203,8 @@ class CogVLM2ForVideo(PreTrainedModel):
         Options: max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
         repetition_penalty, seed, stop_token_ids (or a GenerationConfig-like ``generation_config``).
         ``on_tokens(ids (B,))`` is called after each step. Returns a GenerationOutput whose
-        ``new_tokens`` are the generated ids of each sample (no prompt echo).
+        ``new_tokens`` are the generated ids of each sample (no prompt echo) and, given a
+        ``tokenizer``, whose ``texts`` are the decoded answers.
         """
         ids, types, positions, mask = self._prepare(input_ids, token_type_ids, position_ids, attention_mask)
         if frames_per_sample is not None and pixel_values is not None \
@@ -212,7 +213,10 @@ class CogVLM2ForVideo(PreTrainedModel):
                              f"holds {len(pixel_values)} frames; pass the processor's outputs unchanged")
         rows = self._vision_rows(pixel_values, vision_embeds)
         opts = GenerationOptions.from_kwargs(generation_config, **options)
-        return generation.generate(self, ids, types, positions, mask, rows, opts, on_tokens)
+        output = generation.generate(self, ids, types, positions, mask, rows, opts, on_tokens)
+        if tokenizer is not None:
+            output.texts = [tokenizer.decode(t, skip_special_tokens=True) for t in output.new_tokens]
+        return output
 
     def chat(self, processor, query: str, video=None, history=None, stream: bool = False, **options):
         """Answer ``query`` about ``video`` (a path, frames, or None) after earlier ``history`` turns

@@ -63,11 +63,12 @@ class GenerationOptions:
 
 @dataclasses.dataclass
 class GenerationOutput:
-    """new_tokens: per sample, the generated ids (a stop token, if reached, is the last one).
+    """new_tokens: per sample, the generated ids, no prompt echo (a stop token, if reached, is the
+    last one). texts: the decoded answers, when generate was given a tokenizer.
     scores: with ``output_scores``, the logits (B, vocab) each step's token was chosen from."""
     new_tokens: List[np.ndarray]
-    scores: Optional[List[np.ndarray]] = None
     texts: Optional[List[str]] = None
+    scores: Optional[List[np.ndarray]] = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -192,7 +193,7 @@ def generate(model, input_ids, token_type_ids, position_ids, attention_mask, vis
     for row in generated:
         hits = np.flatnonzero(np.isin(row, stop))
         new_tokens.append(row[: hits[0] + 1] if hits.size else row)
-    return GenerationOutput(new_tokens, scores if options.output_scores else None,
+    return GenerationOutput(new_tokens, scores=scores if options.output_scores else None,
                             prefill_seconds=first - start, decode_seconds=end - first)
 
 

@@ -46,9 +46,11 @@ def golden_inputs(golden, prefix=""):
 
 
 @pytest.mark.parametrize("prefix", ["", "text_"])
-def test_greedy_tokens_and_scores_match_reference(model, golden, prefix):
-    out = model.generate(**golden_inputs(golden, prefix), max_new_tokens=20, output_scores=True)
+def test_greedy_tokens_and_scores_match_reference(model, golden, meta, processor, prefix):
+    out = model.generate(**golden_inputs(golden, prefix), max_new_tokens=20, output_scores=True,
+                         tokenizer=processor.tokenizer)
     assert out.new_tokens[0].tolist() == golden[prefix + "gen_new_tokens"].tolist()
+    assert out.texts == [meta[prefix + "gen_decoded"]]                     # the answer, no prompt echo
     scores = np.stack([s[0] for s in out.scores])                         # (20, vocab)
     top5 = np.argsort(-scores, -1, kind="stable")[:, :5]
     assert np.array_equal(top5, golden[prefix + "gen_step_top5_ids"])
