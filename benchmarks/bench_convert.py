@@ -10,12 +10,10 @@ and the RSS of a child that only imports the converter.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -34,7 +32,7 @@ def write_checkpoint(config_path: str, directory: str, shards: int, seed: int) -
     shapes = expected_shapes(config)
     total = sum(int(np.prod(s)) for s in shapes.values())
     rng = np.random.default_rng(seed)
-    groups, current, size = [[]], 0, 0
+    groups, size = [[]], 0
     for name, shape in shapes.items():                       # fill shards up to total / shards params
         if size >= total / shards and len(groups) < shards:
             groups.append([])

@@ -10,7 +10,6 @@ Two graphs are compiled (GRAPH_MODE by default), each once:
 The Python methods (``__call__``, ``encode_video``, ``generate``) prepare numpy inputs and call them.
 """
 import os
-from typing import Optional, Tuple
 
 import numpy as np
 import mindspore as ms

@@ -28,12 +28,6 @@ def cli():
     return module
 
 
-@pytest.fixture(scope="module")
-def meta():
-    with open(os.path.join(TINY, "meta.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
 @pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
     """run_predict.py writes the result file and mindformers' logs (./output) into the working directory."""

@@ -1,6 +1,5 @@
 """Generation against the official implementation's greedy run, plus batching, sampling, streaming,
 stop tokens, multi-turn chat and compile-once."""
-import json
 import os
 
 import numpy as np
@@ -16,16 +15,6 @@ VIDEO = os.path.join(FIXTURES, "bigbuckbunny.mp4")
 PROMPT = "Please describe this video."
 
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-
-
-@pytest.fixture(scope="module")
-def golden():
-    return dict(np.load(os.path.join(TINY, "golden.npz")))
-
-
-@pytest.fixture(scope="module")
-def meta():
-    return json.load(open(os.path.join(TINY, "meta.json"), encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ run_mindformer.py (build_context, then Trainer(config).predict) with mindformers
 mindformers writes into the working directory (output/, modules/ for auto_register, the result
 file), so every flow test runs in a temporary directory.
 """
-import json
 import os
 
 import numpy as np
@@ -23,12 +22,6 @@ VIDEO = os.path.join(FIXTURES, "bigbuckbunny.mp4")
 PROMPT = "Please describe this video."
 TINY_YAML = os.path.join(REPO, "configs", "cogvlm2", "predict_cogvlm2_video_tiny.yaml")
 REAL_YAML = os.path.join(REPO, "configs", "cogvlm2", "predict_cogvlm2_video_llama3_chat_13b.yaml")
-
-
-@pytest.fixture(scope="module")
-def meta():
-    with open(os.path.join(TINY, "meta.json"), encoding="utf-8") as f:
-        return json.load(f)
 
 
 @pytest.fixture(autouse=True)

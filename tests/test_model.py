@@ -17,11 +17,6 @@ ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return dict(np.load(os.path.join(TINY, "golden.npz")))
-
-
-@pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "tiny_ms"
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_weight.py"), "--model", "cogvlm2",
