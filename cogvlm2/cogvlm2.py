@@ -178,7 +178,8 @@ class CogVLM2ForVideo(PreTrainedModel):
         if vision_embeds is None:
             return None
         if not isinstance(vision_embeds, Tensor):
-            vision_embeds = Tensor(np.asarray(vision_embeds, np.float32))
+            vision_embeds = Tensor(np.asarray(vision_embeds, np.float32),
+                                   dtype=to_ms_dtype(self.config.compute_dtype))
         return vision_embeds.reshape(-1, self.config.hidden_size)
 
     def __call__(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
