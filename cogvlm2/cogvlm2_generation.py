@@ -82,8 +82,8 @@ def pick_next_tokens(logits: np.ndarray, options: GenerationOptions, history: np
                      rng: np.random.Generator) -> np.ndarray:
     """Choose one token per row from logits (B, vocab). history (B, n): ids seen so far (for the
     repetition penalty)."""
-    logits = logits.astype(np.float32, copy=True)
     if options.repetition_penalty != 1.0:
+        logits = logits.astype(np.float32, copy=True)
         rows = np.arange(logits.shape[0])[:, None]
         seen = logits[rows, history]
         logits[rows, history] = np.where(seen > 0, seen / options.repetition_penalty,
