@@ -13,6 +13,7 @@ followed by its question, so ``a.mp4 "Q1" b.mp4 "Q2" --modal_type video text vid
 questions, answered in batches of --predict_batch_size.
 """
 import argparse
+import copy
 import contextlib
 import os
 import sys
@@ -154,19 +155,15 @@ def check_checkpoint(directory: str, config_path: str, model_config):
     checkpoint_files(directory)      # a CheckpointError unless it holds an index or model.safetensors
     if not os.path.isfile(os.path.join(directory, "config.json")):
         return                       # nothing more to compare; loading checks every tensor
-    saved = CogVLM2Config.from_hf_config(directory)
+    from mindformers.models.build_config import build_model_config
+    saved = CogVLM2Config.from_hf_config(directory).to_hf_dict()
+    wanted = build_model_config(copy.deepcopy(model_config)).to_hf_dict()   # YAML spellings resolved
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_multi_query_heads")
     vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_heads")
-    vision = model_config.vision_config or {}
-    differ = [f"{k} {getattr(saved, k)} vs {model_config[k]}" for k in keys
-              if k in model_config and model_config[k] != getattr(saved, k)]
-    differ += [f"vision {k} {getattr(saved.vision_config, k)} vs {vision[k]}" for k in vision_keys
-               if k in vision and vision[k] != getattr(saved.vision_config, k)]
-    for yaml_key, key in (("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads"),
-                          ("n_kv_heads", "num_multi_query_heads")):
-        if yaml_key in model_config and model_config[yaml_key] != getattr(saved, key):
-            differ.append(f"{key} {getattr(saved, key)} vs {model_config[yaml_key]}")
+    differ = [f"{k} {saved[k]} vs {wanted[k]}" for k in keys if saved[k] != wanted[k]]
+    differ += [f"vision {k} {saved['vision_config'][k]} vs {wanted['vision_config'][k]}" for k in vision_keys
+               if saved["vision_config"][k] != wanted["vision_config"][k]]
     if differ:
         raise CheckpointError(f"{directory}: the checkpoint does not fit {config_path} (checkpoint vs config: "
                               f"{'; '.join(differ)}); use the config made for this checkpoint")
