@@ -8,13 +8,16 @@ mindformers wheel), plus --max_new_tokens, --stream and --verbose. The answer go
 as mindformers does, into the result file: ``save_file`` of the config or
 ./multi_modal_to_text_generation_result.txt); progress goes to stderr.
 
+The answers come from ``CogVLM2Engine`` (the same engine the server and the dataset job use):
+--predict_batch_size questions are decoded together (continuous batching).
+
 --predict_data / --modal_type pair up item by item. Each query is an optional video (or image)
 followed by its question, so ``a.mp4 "Q1" b.mp4 "Q2" --modal_type video text video text`` asks two
 questions, answered in batches of --predict_batch_size.
 """
 import argparse
-import copy
 import contextlib
+import json
 import os
 import sys
 import threading
@@ -30,7 +33,7 @@ FILE_PERMISSION = 0o640   # what mindformers uses for its result file
 
 
 class UsageError(Exception):
-    """A bad flag, input file, config or checkpoint, reported as one line (exit code 2)."""
+    """A bad flag or input file, reported as one line (exit code 2), like the plugin's CogVLM2Error."""
 
 
 # ----- command line ------------------------------------------------------------------------------
@@ -61,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", default=None, type=int,
                         help="generate at most this many tokens (default: the config's)")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    parser.add_argument("--output_format", default="text", choices=["text", "jsonl"],
+                        help="stdout: answers as plain text (default) or one JSON object per answer "
+                             "(unambiguous when answers contain newlines)")
     parser.add_argument("--verbose", action="store_true",
                         help="show MindSpore/mindformers logs and the traceback of errors")
     return parser.parse_args(argv)
@@ -109,64 +115,6 @@ def check_media_file(path: str, modal: str):
         hint = f"it looks like a {other} file: use --modal_type {other}" if other else \
             f"{modal} files end in {', '.join(MODAL_FILE_TYPES[modal])}"
         raise UsageError(f"{path!r} does not fit --modal_type {modal}: {hint}")
-
-
-def load_config(args):
-    """The YAML config with the command line's overrides, as run_mindformer.py applies them."""
-    if not os.path.isfile(args.config):
-        raise UsageError(f"config file not found: {args.config!r}; use e.g. "
-                         "configs/cogvlm2/predict_cogvlm2_video_tiny.yaml")
-    from mindformers.tools.register import MindFormerConfig
-    try:
-        config = MindFormerConfig(os.path.realpath(args.config))
-    except Exception as err:  # yaml.YAMLError and friends
-        raise UsageError(f"cannot read config {args.config!r}: {one_line(err)}") from err
-    if not config.model or not config.model.model_config or not config.processor:
-        raise UsageError(f"{args.config!r} has no model.model_config or processor section: "
-                         "is it a CogVLM2 predict config?")
-    if args.device_target is not None:
-        config.context.device_target = args.device_target
-    if args.device_id is not None:
-        config.context.device_id = args.device_id
-    if args.load_checkpoint is not None:
-        config.load_checkpoint = args.load_checkpoint
-    if args.predict_batch_size is not None:
-        config.predict_batch_size = args.predict_batch_size
-    if args.max_new_tokens is not None:
-        config.model.model_config.max_new_tokens = args.max_new_tokens
-    if not config.load_checkpoint:
-        raise UsageError(f"no checkpoint: {args.config!r} sets no load_checkpoint; pass --load_checkpoint DIR "
-                         "(a HF download of THUDM/cogvlm2-video-llama3-chat or a tools/convert_weight.py output)")
-    # run_mindformer.py needs these to import the plugin; this script has imported it already.
-    config.processor.pop("auto_register", None)
-    if config.processor.tokenizer:
-        config.processor.tokenizer.pop("auto_register", None)
-    return config
-
-
-def check_checkpoint(directory: str, config_path: str, model_config):
-    """Fail before building the model if ``directory`` is missing, not a CogVLM2 checkpoint, or
-    holds a model of other sizes than the config."""
-    from cogvlm2.cogvlm2_config import CogVLM2Config
-    from cogvlm2.cogvlm2_weights import CheckpointError, checkpoint_files
-    if not os.path.exists(directory):
-        raise CheckpointError(f"checkpoint directory not found: {directory!r} (relative to {os.getcwd()}); "
-                              "pass --load_checkpoint DIR")
-    checkpoint_files(directory)      # a CheckpointError unless it holds an index or model.safetensors
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        return                       # nothing more to compare; loading checks every tensor
-    from mindformers.models.build_config import build_model_config
-    saved = CogVLM2Config.from_hf_config(directory).to_hf_dict()
-    wanted = build_model_config(copy.deepcopy(model_config)).to_hf_dict()   # YAML spellings resolved
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_multi_query_heads")
-    vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_heads")
-    differ = [f"{k} {saved[k]} vs {wanted[k]}" for k in keys if saved[k] != wanted[k]]
-    differ += [f"vision {k} {saved['vision_config'][k]} vs {wanted['vision_config'][k]}" for k in vision_keys
-               if saved["vision_config"][k] != wanted["vision_config"][k]]
-    if differ:
-        raise CheckpointError(f"{directory}: the checkpoint does not fit {config_path} (checkpoint vs config: "
-                              f"{'; '.join(differ)}); use the config made for this checkpoint")
 
 
 # ----- progress on stderr ------------------------------------------------------------------------
@@ -223,52 +171,49 @@ class Progress:
                 self.write(end)
 
 
-class TokenReporter:
-    """``on_tokens`` callback of generate: counts tokens, prints tokens/s on a terminal, and with
-    ``stream_to`` writes the text of a single sample as it arrives."""
-
-    def __init__(self, progress: Progress, tokenizer, stop_ids, stream_to=None):
-        from cogvlm2.cogvlm2_tokenizer import StreamDecoder
-        self.progress = progress
-        self.stop_ids = set(int(i) for i in stop_ids)
-        self.stream_to = stream_to
-        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True) if stream_to else None
-        self.steps = 0
-        self.stopped = False
-        self.start = time.perf_counter()
-        self.first = None
-
-    def __call__(self, tokens):
-        now = time.perf_counter()
-        self.first = self.first or now
-        self.steps += 1
-        if self.decoder is not None and not self.stopped:
-            token = int(tokens[0])
-            if token in self.stop_ids:
-                self.stopped = True
-            else:
-                self.stream_to.write(self.decoder.push([token]))
-                self.stream_to.flush()
-        elif self.progress.live and self.steps > 1:
-            rate = (self.steps - 1) / max(now - self.first, 1e-9)
-            self.progress.rewrite(f"generating ... {self.steps} tokens, {rate:.1f} tokens/s")
-
-    def finish(self, output) -> str:
-        if self.decoder is not None:
-            self.stream_to.write(self.decoder.flush() + "\n")
-            self.stream_to.flush()
-        tokens = max(len(t) for t in output.new_tokens)
-        return (f"{tokens} tokens in {output.prefill_seconds + output.decode_seconds:.1f} s (prompt "
-                f"{output.prefill_seconds:.1f} s, then {output.decode_tokens_per_second:.1f} tokens/s)")
-
-
 # ----- the run -----------------------------------------------------------------------------------
+def check_output_file(path: str):
+    """Fail before loading anything if the result file cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write the result file {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write the result file {path!r}: folder {folder!r} is read-only; set save_file "
+                         "in the config or run from a writable directory")
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write the result file {path!r}: it is a directory")
+
+
+def submit_query(engine, query, max_new_tokens):
+    """One [{"video"|"image": path}, {"text": q}] query -> an engine request handle."""
+    media = {k: v for item in query for k, v in item.items() if k != "text"}
+    text = "".join(item["text"] for item in query if "text" in item)
+    options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    return engine.submit(text, video=media.get("video"), image=media.get("image"), **options)
+
+
+def describe(output) -> str:
+    """'6 frames, 412 prompt tokens; generated 20 tokens in 1.4 s (first token after 1.2 s, then 130.7 tokens/s)'"""
+    tokens = len(output.new_tokens)
+    first = output.time_to_first_token or 0.0
+    rate = (tokens - 1) / (output.seconds - first) if tokens > 1 and output.seconds > first else 0.0
+    media = f"{output.frames} frames, " if output.frames else ""
+    return (f"{media}{output.prompt_tokens} prompt tokens; generated {tokens} tokens in {output.seconds:.1f} s "
+            f"(first token after {first:.1f} s, then {rate:.1f} tokens/s)")
+
+
+def answer_record(index: int, query, output) -> dict:
+    media = next((v for item in query for k, v in item.items() if k != "text"), None)
+    return {"index": index, "question": "".join(item["text"] for item in query if "text" in item),
+            "media": media, "answer": output.text, "prompt_tokens": output.prompt_tokens,
+            "new_tokens": len(output.new_tokens), "frames": output.frames,
+            "frame_indices": output.frame_indices, "finish_reason": output.finish_reason}
+
+
 def run(args, out, progress: Progress) -> int:
     if args.run_mode != "predict":
         raise UsageError(f"--run_mode {args.run_mode!r}: run_predict.py only predicts; use mindformers' "
                          "run_mindformer.py for train/finetune/eval")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.predict_batch_size is not None and args.predict_batch_size < 1:
         raise UsageError(f"--predict_batch_size must be >= 1, got {args.predict_batch_size}")
     queries = build_queries(args.predict_data, args.modal_type)
@@ -278,81 +223,67 @@ def run(args, out, progress: Progress) -> int:
             sys.path.append(args.register_path)
 
     import cogvlm2  # noqa: F401  registers the plugin with mindformers
+    from cogvlm2.cogvlm2_cli import interrupt_on_signals
+    with interrupt_on_signals():             # SIGTERM ends the run like Ctrl-C: exit 130, no result file
+        return answer_queries(args, queries, out, progress)
+
+
+def answer_queries(args, queries, out, progress: Progress) -> int:
+    from cogvlm2 import CogVLM2Engine, GenerationOptions
+    from cogvlm2.cogvlm2_cli import write_atomically
+    from cogvlm2.cogvlm2_loading import read_yaml
     from cogvlm2.cogvlm2_video_io import check_media_path
     for query in queries:
         for item in query:
             if "text" not in item:
                 check_media_path(next(iter(item.values())))   # exists, not empty, not a text file
-    config = load_config(args)
-    check_checkpoint(config.load_checkpoint, args.config, config.model.model_config)
-
-    from mindspore.nn.utils import no_init_parameters
-    from mindformers.core.context import build_context
-    from mindformers.models.build_model import build_network
-    from mindformers.models.build_processor import build_processor
-    from mindformers.utils.file_utils import set_output_path
-    from cogvlm2.cogvlm2_mindformers import check_parameters_loaded, generation_defaults, model_inputs
-
-    set_output_path(config.output_dir)
-    build_context(config)
-    with progress.step("building tokenizer and processor"):
-        processor = build_processor(config.processor)
-    with progress.step(f"loading weights from {config.load_checkpoint}") as result:
-        with no_init_parameters():
-            model = build_network(config.model)
-        model.load_weights(config.load_checkpoint)
-        check_parameters_loaded(model)
-        result.append(f"{sum(p.size for p in model.get_parameters()) / 1e6:.1f}M parameters")
-    options = generation_defaults(model.config)
-    stop_ids = model.config.stop_token_ids
-
-    batch_size = int(config.predict_batch_size or 1)
-    stream = args.stream and batch_size == 1
-    if args.stream and not stream:
-        progress.write("note: --stream needs --predict_batch_size 1; answers are printed when complete\n")
-    answers = []
-    for begin in range(0, len(queries), batch_size):
-        batch = queries[begin:begin + batch_size]
-        has_media = any(len(query) > 1 for query in batch)
-        with progress.step("reading frames" if has_media else "tokenizing") as result:
-            inputs = processor(query_list=batch if len(batch) > 1 else batch[0])
-            frames = 0 if inputs.get("pixel_values") is None else len(inputs["pixel_values"])
-            tokens = f"{inputs['input_ids'].shape[1]} prompt tokens"
-            result.append(f"{frames} frames, {tokens}" if has_media else tokens)
-        inputs = model_inputs(inputs)
-        pixels = inputs.pop("pixel_values", None)
-        if pixels is not None:
-            with progress.step("encoding frames (vision tower)") as result:
-                inputs["vision_embeds"] = model.encode_video(pixels)
-                result.append(f"{frames} frames")
-        reporter = TokenReporter(progress, processor.tokenizer, stop_ids, out if stream else None)
-        if not stream:
-            progress.write("generating ...")
-        output = model.generate(**inputs, on_tokens=reporter, **options)
-        summary = reporter.finish(output)
-        if stream:
-            progress.write(f"generated {summary}\n")
-        elif progress.live:
-            progress.rewrite(f"generating ... {summary}\n")
-        else:
-            progress.write(f" {summary}\n")
-        texts = processor.post_process(output.new_tokens)
-        if not stream:
-            for text in texts:
-                out.write(text + "\n")
-            out.flush()
-        answers.extend(texts)
-
-    save_file = config.save_file or f"{TASK}_result.txt"
-    with os.fdopen(os.open(save_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_PERMISSION), "w") as f:
-        f.write(str(answers))
+    if args.max_new_tokens is not None:
+        GenerationOptions.from_kwargs(max_new_tokens=args.max_new_tokens)   # the family's message
+    yaml_config = read_yaml(args.config)
+    save_file = yaml_config.save_file or f"{TASK}_result.txt"
+    check_output_file(save_file)
+    batch_size = args.predict_batch_size or int(yaml_config.predict_batch_size or 1)
+    checkpoint = args.load_checkpoint or yaml_config.load_checkpoint
+    with progress.step(f"loading weights from {checkpoint}") as result:
+        engine = CogVLM2Engine.from_config(args.config, load_checkpoint=args.load_checkpoint,
+                                           device_target=args.device_target, device_id=args.device_id,
+                                           max_batch_size=batch_size)
+        result.append(f"{sum(p.size for p in engine.model.get_parameters()) / 1e6:.1f}M parameters")
+    records = []
+    with engine:
+        try:
+            if args.stream:        # one question at a time, its text as it comes
+                for index, query in enumerate(queries):
+                    handle = submit_query(engine, query, args.max_new_tokens)
+                    if args.output_format == "text":
+                        for piece in handle:
+                            out.write(piece)
+                            out.flush()
+                        out.write("\n")
+                    output = handle.result()
+                    progress.write(f"answer {index + 1}/{len(queries)}: {describe(output)}\n")
+                    records.append(answer_record(index, query, output))
+                    if args.output_format == "jsonl":
+                        out.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
+                        out.flush()
+            else:                  # all at once: the engine decodes up to batch_size together
+                progress.write(f"generating {len(queries)} answer{'s' * (len(queries) > 1)} "
+                               f"(batch size {batch_size}) ...\n")
+                handles = [submit_query(engine, query, args.max_new_tokens) for query in queries]
+                for index, (query, handle) in enumerate(zip(queries, handles)):
+                    output = handle.result()
+                    progress.write(f"answer {index + 1}/{len(queries)}: {describe(output)}\n")
+                    records.append(answer_record(index, query, output))
+                    line = json.dumps(records[-1], ensure_ascii=False) if args.output_format == "jsonl" \
+                        else output.text
+                    out.write(line + "\n")
+                    out.flush()
+        except BaseException:
+            engine.close(timeout=0)        # cancel what is in flight
+            raise
+    write_atomically(save_file, str([record["answer"] for record in records]), FILE_PERMISSION)
     progress.write(f"result saved to {save_file}\n")
     return 0
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 @contextlib.contextmanager
@@ -400,27 +331,20 @@ def main(argv=None) -> int:
             return run(args, out, progress)
         except KeyboardInterrupt:
             progress.end_line()
-            progress.write("interrupted\n")
+            progress.write("interrupted (no result file written)\n")
             return 130
         except Exception as err:  # pylint: disable=broad-except
             if args.verbose:
                 raise
-            known = is_user_error(err)
+            if isinstance(err, UsageError):      # found before the plugin (and MindSpore) is imported
+                known, message = True, str(err)
+            else:
+                from cogvlm2.cogvlm2_cli import is_user_error, one_line
+                known, message = is_user_error(err), one_line(err)
             hint = "" if known else f" ({type(err).__name__}; run with --verbose for the traceback)"
             progress.end_line()
-            progress.write(f"error: {one_line(err)}{hint}\n")
+            progress.write(f"error: {message}{hint}\n")
             return 2 if known else 1
-
-
-def is_user_error(err: BaseException) -> bool:
-    """Errors about the inputs, config or checkpoint, whose message says what to fix."""
-    if isinstance(err, UsageError):
-        return True
-    from cogvlm2.cogvlm2_config import CogVLM2ConfigError
-    from cogvlm2.cogvlm2_errors import CogVLM2InputError
-    from cogvlm2.cogvlm2_generation import ContextLengthError
-    from cogvlm2.cogvlm2_weights import CheckpointError
-    return isinstance(err, (CogVLM2ConfigError, CogVLM2InputError, ContextLengthError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def write_checkpoint(config_path: str, directory: str, shards: int, seed: int) -
     import mindspore as ms
     from mindspore import Tensor
     from cogvlm2 import CogVLM2Config
-    from cogvlm2.cogvlm2_weights import HF_INDEX, expected_shapes
+    from cogvlm2.cogvlm2_convert import expected_shapes
+    from cogvlm2.cogvlm2_weights import HF_INDEX
 
     config = CogVLM2Config.from_hf_config(config_path)
     shapes = expected_shapes(config)

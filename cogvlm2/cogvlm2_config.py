@@ -10,15 +10,16 @@ import os
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-__all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]
+from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
+
+__all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]  # the error: re-exported
 
 # HF config.json keys that describe the checkpoint file, not the network.
+# (batch_size: the batch is per call; mindformers YAMLs of 1.3 still set it.)
 _HF_IGNORED_KEYS = ("architectures", "auto_map", "torch_dtype", "transformers_version",
-                    "initializer_range", "use_cache", "tie_word_embeddings", "model_type")
-
-
-class CogVLM2ConfigError(ValueError):
-    """A config file or value that cannot describe a CogVLM2 model."""
+                    "initializer_range", "use_cache", "tie_word_embeddings", "model_type", "batch_size")
+# What the network implements; a config asking for anything else is refused, not ignored.
+DECODER_ACT, VISION_ACT = "silu", "gelu"
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -36,10 +37,10 @@ class CogVLM2VisionConfig(PretrainedConfig):
                  num_heads: int = 16,
                  num_hidden_layers: int = 63,
                  layer_norm_eps: float = 1e-6,
-                 hidden_act: str = "gelu",
-                 dropout_prob: float = 0.0,
+                 hidden_act: str = VISION_ACT,
                  num_positions: int = 257,
                  **kwargs):
+        kwargs.pop("dropout_prob", None)   # HF config.json key; inference has no dropout
         super().__init__(**kwargs)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -50,7 +51,6 @@ class CogVLM2VisionConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.layer_norm_eps = layer_norm_eps
         self.hidden_act = hidden_act
-        self.dropout_prob = dropout_prob
         self.num_positions = num_positions
 
     @property
@@ -79,7 +79,7 @@ class CogVLM2Config(PretrainedConfig):
                  num_attention_heads: int = 32,
                  num_multi_query_heads: int = 8,
                  rms_norm_eps: float = 1e-5,
-                 hidden_act: str = "silu",
+                 hidden_act: str = DECODER_ACT,
                  rope_theta: float = 500000.0,
                  max_position_embeddings: int = 2048,
                  bos_token_id: int = 128000,
@@ -98,7 +98,8 @@ class CogVLM2Config(PretrainedConfig):
                  use_past: bool = True,
                  is_dynamic: bool = True,
                  use_flash_attention: bool = False,
-                 batch_size: int = 1,
+                 max_batch_size: int = 8,
+                 vision_cache_mb: float = 512,
                  **kwargs):
         # mindformers YAML spellings of the same values
         num_hidden_layers = kwargs.pop("num_layers", num_hidden_layers)
@@ -136,7 +137,8 @@ class CogVLM2Config(PretrainedConfig):
         self.use_past = use_past
         self.is_dynamic = is_dynamic
         self.use_flash_attention = use_flash_attention
-        self.batch_size = batch_size
+        self.max_batch_size = max_batch_size      # sequences the engine decodes together
+        self.vision_cache_mb = vision_cache_mb    # bound of the engine's vision-embedding LRU cache
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------------
@@ -181,6 +183,14 @@ class CogVLM2Config(PretrainedConfig):
             (not self.use_flash_attention,
              "use_flash_attention: fused Ascend attention is not part of this plugin; set it to False "
              "(the portable attention runs on Ascend and CPU)"),
+            (self.hidden_act == DECODER_ACT,
+             f"hidden_act {self.hidden_act!r}: the CogVLM2 decoder MLP is SwiGLU ({DECODER_ACT!r})"),
+            (v.hidden_act == VISION_ACT,
+             f"vision_config.hidden_act {v.hidden_act!r}: the EVA2-CLIP tower uses exact GELU ({VISION_ACT!r})"),
+            (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1,
+             f"max_batch_size {self.max_batch_size!r} must be an integer >= 1"),
+            (isinstance(self.vision_cache_mb, (int, float)) and self.vision_cache_mb >= 0,
+             f"vision_cache_mb {self.vision_cache_mb!r} must be a number >= 0 (0 turns the cache off)"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),
         ]
@@ -230,7 +240,7 @@ class CogVLM2Config(PretrainedConfig):
                 "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
                 "num_heads": v.num_heads, "num_hidden_layers": v.num_hidden_layers,
                 "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act,
-                "dropout_prob": v.dropout_prob, "num_positions": v.num_positions,
+                "num_positions": v.num_positions,
             },
         }
 

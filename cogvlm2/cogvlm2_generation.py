@@ -1,5 +1,10 @@
 """Generation for CogVLM2ForVideo: prefill, then one token per step with the KV cache.
 
+``generate(model, **processor_outputs, max_new_tokens=...)`` runs one static batch to the end (the
+mindformers pipeline and the tests use it); ``cogvlm2_engine`` serves many requests at once with the
+same pieces (``GenerationOptions``, ``pick_next_tokens``, ``new_token_budget``). This module imports
+no model: it is handed one.
+
 Options follow HF/mindformers ``GenerationConfig`` names (``max_new_tokens``, ``max_length``,
 ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``) and the stop
 list (eos 128001 and eot 128009 by default). Batches are left-padded; every row keeps the positions
@@ -7,16 +12,15 @@ it would have alone, so each sample's greedy answer equals its single run.
 """
 import dataclasses
 import time
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from cogvlm2.cogvlm2_errors import CogVLM2InputError, ContextLengthError, GenerationOptionError
+from cogvlm2.cogvlm2_token_types import causal_bias
+
 __all__ = ["GenerationOptions", "GenerationOutput", "generate", "iter_tokens", "pick_next_tokens", "stream_text",
-           "ContextLengthError"]
-
-
-class ContextLengthError(ValueError):
-    """The prompt plus the requested new tokens do not fit the model's context."""
+           "new_token_budget", "generation_defaults", "GENERATION_KEYS", "ContextLengthError"]
 
 
 @dataclasses.dataclass
@@ -44,21 +48,84 @@ class GenerationOptions:
                     values[name] = value
         unknown = sorted(k for k in kwargs if k not in names)
         if unknown:
-            raise TypeError(f"unknown generation option(s) {unknown}; known: {sorted(names)}")
+            raise GenerationOptionError(f"unknown generation option(s) {unknown}; known: {sorted(names)}")
         values.update({k: v for k, v in kwargs.items() if v is not None})
         options = cls(**values)
         options.validate()
         return options
 
     def validate(self):
-        if self.temperature <= 0 and self.do_sample:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Types and ranges of every option; a GenerationOptionError names the option and the rule."""
+        _check(self.max_new_tokens is None or _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+               "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.max_length is None or _is_int(self.max_length) and self.max_length >= 1,
+               "max_length", self.max_length, "an integer >= 1")
+        _check(isinstance(self.do_sample, (bool, np.bool_)), "do_sample", self.do_sample, "true or false")
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a number >= 0")
+        _check(not self.do_sample or self.temperature > 0, "temperature", self.temperature,
+               "> 0 when sampling (do_sample); use do_sample false for greedy decoding")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               self.repetition_penalty, "a number > 0")
+        _check(self.seed is None or _is_int(self.seed) and self.seed >= 0, "seed", self.seed,
+               "an integer >= 0")
+        _check(self.stop_token_ids is None or not isinstance(self.stop_token_ids, (str, bytes))
+               and all(_is_int(i) and i >= 0 for i in _iterable(self.stop_token_ids)),
+               "stop_token_ids", self.stop_token_ids, "a list of token ids (integers >= 0)")
+        _check(isinstance(self.output_scores, (bool, np.bool_)), "output_scores", self.output_scores,
+               "true or false")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, (float, np.floating)) and np.isfinite(value)
+
+
+def _iterable(value):
+    try:
+        return list(value)
+    except TypeError:
+        return [None]
+
+
+def _check(ok: bool, name: str, value, rule: str):
+    if not ok:
+        raise GenerationOptionError(f"{name} must be {rule}, got {value!r}")
+
+
+# YAML model_config key -> generation option (mindformers spells the total length max_decode_length)
+GENERATION_KEYS = {
+    "max_new_tokens": "max_new_tokens",
+    "max_decode_length": "max_length",
+    "max_length": "max_length",
+    "do_sample": "do_sample",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "repetition_penalty": "repetition_penalty",
+    "seed": "seed",
+}
+
+
+def generation_defaults(config) -> Dict[str, object]:
+    """Generation options set in a model config (the YAML ``model_config``), as ``generate`` kwargs.
+
+    Only keys that are present count, so the defaults of ``generate`` (greedy, stop on the
+    config's stop ids, fill the context) apply to everything else.
+    """
+    options = {}
+    for key, option in GENERATION_KEYS.items():
+        value = getattr(config, key, None)
+        if value is not None and option not in options:
+            options[option] = value
+    if options.get("top_k") is not None:
+        options["top_k"] = int(options["top_k"])
+    return options
 
 
 @dataclasses.dataclass
@@ -120,7 +187,6 @@ def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, positi
     each step runs only the new token against the KV cache; without it, the whole sequence is run
     again every step (the reference's ``use_cache=False``; slow, for checking).
     """
-    from cogvlm2.cogvlm2 import causal_bias
     config = model.config
     batch, prompt_length = input_ids.shape
     max_new = new_token_budget(config, prompt_length, options)
@@ -158,7 +224,7 @@ def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, positi
 
 
 def new_token_budget(config, prompt_length: int, options: GenerationOptions) -> int:
-    """How many tokens to generate; a ContextLengthError if they cannot fit."""
+    """How many tokens to generate; a ContextLengthError if they cannot fit (options are validated)."""
     context = config.max_position_embeddings
     max_length = min(options.max_length or context, context)
     max_new = options.max_new_tokens if options.max_new_tokens is not None else max_length - prompt_length
@@ -170,20 +236,36 @@ def new_token_budget(config, prompt_length: int, options: GenerationOptions) -> 
     return max_new
 
 
-def generate(model, input_ids, token_type_ids, position_ids, attention_mask, vision_embeds,
-             options: GenerationOptions, on_tokens: Optional[Callable[[np.ndarray], None]] = None
-             ) -> GenerationOutput:
-    """Run ``iter_tokens`` to the end; ``on_tokens(ids (B,))`` sees each step (for streaming)."""
-    stop = list(options.stop_token_ids if options.stop_token_ids is not None else model.config.stop_token_ids)
+def generate(model, input_ids, pixel_values=None, token_type_ids=None, position_ids=None, attention_mask=None,
+             vision_embeds=None, generation_config=None, on_tokens=None, frame_indices=None,
+             frames_per_sample=None, tokenizer=None, **options) -> GenerationOutput:
+    """Generate with the KV cache from processor outputs (B, L), left-padded for batches, so
+    ``generate(model, **processor(...), max_new_tokens=...)`` works (``frame_indices`` is
+    informational; ``frames_per_sample`` is checked against ``pixel_values``).
+
+    Options: max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
+    seed, stop_token_ids, output_scores (or a GenerationConfig-like ``generation_config``).
+    ``on_tokens(ids (B,))`` is called after each step. Returns a GenerationOutput whose ``new_tokens``
+    are the generated ids of each sample (no prompt echo) and, given a ``tokenizer``, whose ``texts``
+    are the decoded answers.
+    """
+    del frame_indices
+    ids, types, positions, mask = model.prepare_inputs(input_ids, token_type_ids, position_ids, attention_mask)
+    if frames_per_sample is not None and pixel_values is not None \
+            and int(np.sum(frames_per_sample)) != len(pixel_values):
+        raise CogVLM2InputError(f"frames_per_sample sums to {int(np.sum(frames_per_sample))} but pixel_values "
+                                f"holds {len(pixel_values)} frames; pass the processor's outputs unchanged")
+    rows = model.vision_rows(pixel_values, vision_embeds)
+    opts = GenerationOptions.from_kwargs(generation_config, **options)
+    stop = list(opts.stop_token_ids if opts.stop_token_ids is not None else model.config.stop_token_ids)
     steps, scores = [], []
     start = time.perf_counter()
     first = None
-    for tokens, logits in iter_tokens(model, input_ids, token_type_ids, position_ids, attention_mask,
-                                      vision_embeds, options):
+    for tokens, logits in iter_tokens(model, ids, types, positions, mask, rows, opts):
         if first is None:
             first = time.perf_counter()
         steps.append(tokens)
-        if options.output_scores:
+        if opts.output_scores:
             scores.append(logits)
         if on_tokens is not None:
             on_tokens(tokens)
@@ -193,19 +275,22 @@ def generate(model, input_ids, token_type_ids, position_ids, attention_mask, vis
     for row in generated:
         hits = np.flatnonzero(np.isin(row, stop))
         new_tokens.append(row[: hits[0] + 1] if hits.size else row)
-    return GenerationOutput(new_tokens, scores=scores if options.output_scores else None,
-                            prefill_seconds=first - start, decode_seconds=end - first)
+    output = GenerationOutput(new_tokens, scores=scores if opts.output_scores else None,
+                              prefill_seconds=first - start, decode_seconds=end - first)
+    if tokenizer is not None:
+        output.texts = [tokenizer.decode(t, skip_special_tokens=True) for t in output.new_tokens]
+    return output
 
 
-def stream_text(tokenizer, tokens: Iterator[np.ndarray], stop_token_ids) -> Iterator[str]:
-    """Text pieces of a single-sample token stream, whole UTF-8 characters only; ends at a stop token."""
+def stream_text(tokenizer, token_ids: Iterator[int], stop_token_ids) -> Iterator[str]:
+    """Text pieces of one sequence's token ids as they arrive, whole UTF-8 characters only; ends
+    before a stop token."""
     from cogvlm2.cogvlm2_tokenizer import StreamDecoder
     decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
-    for step, _ in tokens:
-        token = int(step[0])
+    for token in token_ids:
         if token in stop_token_ids:
             break
-        piece = decoder.push([token])
+        piece = decoder.push([int(token)])
         if piece:
             yield piece
     tail = decoder.flush()

@@ -16,6 +16,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
+
 __all__ = ["Linear", "LayerNorm", "RMSNorm", "Embedding", "attention", "swiglu", "to_ms_dtype", "placeholder",
            "grouped_bias"]
 
@@ -27,7 +29,7 @@ def to_ms_dtype(name) -> ms.dtype.Type:
     if isinstance(name, ms.dtype.Type):
         return name
     if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
+        raise CogVLM2ConfigError(f"dtype {name!r} is not one of {sorted(_DTYPES)}; set compute_dtype/param_init_type to one of them")
     return _DTYPES[name]
 
 

@@ -4,7 +4,7 @@ explicit position ids, RMSNorm, SwiGLU.
 Parameter names follow the HF checkpoint under ``model.*`` (``embed_tokens``, ``layers.N.self_attn.
 language_expert_query_key_value``, ``layers.N.mlp.language_mlp.gate_proj`` ...). The expert set comes
 from the config: the video model has only the language expert; the image model (CogVLM2-19B) adds
-``vision_expert_*`` weights used by the tokens that ``vision_expert_mask`` marks.
+``vision_expert_*`` weights used by the tokens that ``cogvlm2_token_types.vision_expert_mask`` marks.
 
 The KV cache is functional: each layer takes its past keys/values (B, Hkv, S, d) and returns them with
 the new ones appended, so one compiled graph with dynamic B, L and S serves prefill (S = 0) and every
@@ -17,21 +17,7 @@ from mindspore import Tensor, nn, ops
 from cogvlm2.cogvlm2_layers import Embedding, Linear, RMSNorm, attention, grouped_bias, swiglu, to_ms_dtype
 from cogvlm2.cogvlm2_vision import EVA2CLIPModel
 
-__all__ = ["CogVLM2Model", "vision_expert_mask", "VISION_TOKEN_TYPE", "LANGUAGE_TOKEN_TYPE"]
-
-LANGUAGE_TOKEN_TYPE = 0
-VISION_TOKEN_TYPE = 1
-
-
-def vision_expert_mask(token_type_ids: np.ndarray) -> np.ndarray:
-    """Tokens routed to the vision expert (official ``get_expert_mask``): a VISION token whose next
-    token is also VISION, so the last token of each vision run goes to the language expert.
-    (B, L) int -> (B, L) float32 in {0, 1}."""
-    tt = np.asarray(token_type_ids)
-    mask = np.zeros(tt.shape, dtype=np.float32)
-    mask[:, :-1] = (tt[:, :-1] == VISION_TOKEN_TYPE) & (tt[:, 1:] == VISION_TOKEN_TYPE)
-    return mask
-
+__all__ = ["CogVLM2Model"]
 
 class RotaryEmbedding(nn.Cell):
     """Rotate-half (GPT-NeoX) rotary embedding over the full head_dim at explicit positions."""

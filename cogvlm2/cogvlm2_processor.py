@@ -30,11 +30,10 @@ from mindformers.models.base_processor import BaseProcessor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_errors import CogVLM2InputError
+from cogvlm2.cogvlm2_token_types import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE, build_position_ids
 from cogvlm2.cogvlm2_tokenizer import CogVLM2Tokenizer
 from cogvlm2.cogvlm2_video_io import FRAME_STRATEGIES, load_frames
 
-LANGUAGE_TOKEN_TYPE = 0
-VISION_TOKEN_TYPE = 1
 TEMPLATES = ("base", "chat", "vqa")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,26 +51,6 @@ def build_prompt(template_version: str, query: str, history: Sequence[Tuple[str,
     if template_version == "base":
         return query
     raise CogVLM2InputError(f"unknown template_version {template_version!r}: choose one of {TEMPLATES}")
-
-
-def build_position_ids(token_type_ids: np.ndarray) -> np.ndarray:
-    """Reference ``build_position_ids`` for one sequence of token types, (L,) -> (L,) int64."""
-    types = np.asarray(token_type_ids, dtype=np.int64).copy()
-    if types.size == 0:
-        return types
-    vision, language = types == VISION_TOKEN_TYPE, types == LANGUAGE_TOKEN_TYPE
-    # the first and the last token of each run of vision tokens (boi / eoi) count as language
-    is_boi_eoi = np.zeros_like(vision)
-    is_boi_eoi[1:] |= vision[1:] & language[:-1]
-    is_boi_eoi[0] |= vision[0]
-    is_boi_eoi[:-1] |= vision[:-1] & language[1:]
-    is_boi_eoi[-1] |= vision[-1]
-    types[is_boi_eoi] = LANGUAGE_TOKEN_TYPE
-    # +1 on every language token and on the first interior token of a vision run
-    language = types == LANGUAGE_TOKEN_TYPE
-    steps = np.zeros_like(types)
-    steps[1:] = language[1:] | ((types[1:] == VISION_TOKEN_TYPE) & language[:-1])
-    return np.cumsum(steps)
 
 
 # ------------------------------------------------------------------------------------ pixels
@@ -175,9 +154,25 @@ class CogVLM2Processor(BaseProcessor):
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
         self.vision_tokens_per_frame = vision_tokens_per_frame
-        self.frame_strategy = frame_strategy or ("chat" if template_version == "chat" else "base")
+        self._frame_strategy = frame_strategy
         self.base_max_seconds = base_max_seconds
         self._check_config()
+
+    @property
+    def frame_strategy(self) -> str:
+        """The frame selection: as set, else ``chat`` for the chat template and ``base`` otherwise."""
+        return self._frame_strategy or ("chat" if self.template_version == "chat" else "base")
+
+    def apply_model_config(self, config):
+        """Take the sizes from a ``CogVLM2Config``, so a YAML or config.json states each once: template,
+        frame count, frame size, vision tokens per frame and the context length."""
+        self.template_version = config.template_version
+        self.num_frames = config.num_frames
+        self.image_size = config.image_size
+        self.vision_tokens_per_frame = config.vision_tokens_per_frame
+        self.max_length = config.max_position_embeddings
+        self._check_config()
+        return self
 
     def _check_config(self):
         if self.template_version not in TEMPLATES:

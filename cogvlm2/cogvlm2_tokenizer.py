@@ -34,6 +34,8 @@ import numpy as np
 import tiktoken
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
+
 # Llama 3's pre-tokenizer split pattern (identical in Meta's llama3 tokenizer and in HF's conversion).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -58,7 +60,7 @@ _FIRST_UNNAMED_RESERVED = 5
 def llama3_special_tokens(num_special_tokens: int = 256) -> List[str]:
     """The Llama 3 special token names, in id order."""
     if num_special_tokens < len(LLAMA3_NAMED_SPECIAL_TOKENS):
-        raise ValueError(f"num_special_tokens={num_special_tokens} is too small: Llama 3 defines "
+        raise CogVLM2ConfigError(f"num_special_tokens={num_special_tokens} is too small: Llama 3 defines "
                          f"{len(LLAMA3_NAMED_SPECIAL_TOKENS)} named special tokens (256 in the real vocabulary)")
     n_reserved = num_special_tokens - len(LLAMA3_NAMED_SPECIAL_TOKENS)
     reserved = [f"<|reserved_special_token_{_FIRST_UNNAMED_RESERVED + i}|>" for i in range(n_reserved)]
@@ -82,7 +84,7 @@ def default_vocab_file() -> str:
 def load_tiktoken_ranks(path: str) -> Dict[bytes, int]:
     """Read a tiktoken BPE file: one ``<base64 token bytes> <rank>`` pair per line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer vocab_file not found: {path!r}. Point vocab_file at a Llama 3 "
+        raise CogVLM2ConfigError(f"tokenizer vocab_file not found: {path!r}. Point vocab_file at a Llama 3 "
                                 "tokenizer.model, or leave it unset to use the copy from llama-models")
     ranks = {}
     with open(path, "rb") as handle:
@@ -93,7 +95,7 @@ def load_tiktoken_ranks(path: str) -> Dict[bytes, int]:
                 token, rank = line.split()
                 ranks[b64decode(token, validate=True)] = int(rank)
             except (ValueError, Base64Error):
-                raise ValueError(f"{path!r} line {line_no} is not '<base64 token> <rank>': this is not a "
+                raise CogVLM2ConfigError(f"{path!r} line {line_no} is not '<base64 token> <rank>': this is not a "
                                  "tiktoken tokenizer.model (a sentencepiece or HF tokenizer.json file will "
                                  "not work); use Llama 3's tokenizer.model") from None
     return ranks
@@ -117,10 +119,10 @@ def _as_id_list(ids) -> List[int]:
     array = np.asarray(ids)
     if array.ndim > 1:
         if array.shape[0] != 1:
-            raise ValueError(f"decode takes one sequence of ids, got shape {array.shape}: use batch_decode")
+            raise CogVLM2InputError(f"decode takes one sequence of ids, got shape {array.shape}: use batch_decode")
         array = array[0]
     if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {array.dtype}")
+        raise CogVLM2InputError(f"token ids must be integers, got dtype {array.dtype}")
     return [int(i) for i in array.reshape(-1)]
 
 
@@ -161,7 +163,7 @@ class CogVLM2Tokenizer:
     def token_to_id(self, special_token: str) -> int:
         """Id of a special token such as ``"<|eot_id|>"``."""
         if special_token not in self.special_tokens:
-            raise ValueError(f"{special_token!r} is not a special token of this tokenizer; Llama 3 names look "
+            raise CogVLM2InputError(f"{special_token!r} is not a special token of this tokenizer; Llama 3 names look "
                              "like '<|eot_id|>' or '<|reserved_special_token_0|>'")
         return self.special_tokens[special_token]
 
@@ -237,7 +239,7 @@ class CogVLM2Tokenizer:
         id_list = _as_id_list(ids)
         bad = [i for i in id_list if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}): "
+            raise CogVLM2InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}): "
                              "were they produced by a model with another vocabulary?")
         return id_list
 

@@ -1,4 +1,4 @@
-"""Checkpoint reading, name mapping and conversion (HF safetensors -> MindSpore checkpoint directory).
+"""Checkpoint reading and writing, name mapping and the strict checks every loader applies.
 
 The model's parameter names are the HF checkpoint's names, so the mapping is the identity except for
 tensors that are not parameters (``rotary_emb.inv_freq``, recomputed from the config). Tensors are
@@ -12,17 +12,17 @@ CogVLM2 checkpoint, and ``mindspore.save_checkpoint`` needs a whole file's tenso
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from cogvlm2.cogvlm2_errors import CheckpointError
+
 __all__ = ["CheckpointError", "HF_INDEX", "MS_INDEX", "hf_to_ms_name", "read_safetensors",
-           "checkpoint_files", "iter_checkpoint", "expected_shapes", "expected_layout", "checkpoint_layout",
-           "transposed_parameters", "to_model_layout", "convert_checkpoint", "is_converted_dir",
-           "read_safetensors_raw", "write_safetensors", "encode_tensor"]
+           "checkpoint_files", "iter_checkpoint", "checkpoint_layout", "transposed_parameters", "to_model_layout",
+           "is_converted_dir", "read_safetensors_raw", "write_safetensors", "encode_tensor", "check_tensor",
+           "check_complete", "convert_weight_dict", "check_parameters_loaded"]
 
 HF_INDEX = "model.safetensors.index.json"
 MS_INDEX = "mindspore_model.index.json"    # marks a directory written by convert_checkpoint
@@ -30,10 +30,6 @@ SKIPPED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: the message names the file, the tensor and the fix."""
 
 
 def hf_to_ms_name(name: str) -> Optional[str]:
@@ -179,21 +175,7 @@ def iter_checkpoint(directory: str) -> Iterator[Tuple[str, str, np.ndarray]]:
                 yield path, ms_name, array
 
 
-# ----- the model's expected tensors --------------------------------------------------------------
-
-def expected_layout(config) -> Dict[str, Tuple[Tuple[int, ...], bool]]:
-    """``checkpoint_layout`` of the model ``config`` describes, built without allocating weights."""
-    from mindspore.nn.utils import no_init_parameters
-    from cogvlm2.cogvlm2 import CogVLM2ForVideo
-    with no_init_parameters():
-        model = CogVLM2ForVideo(config, compile_graphs=False)
-    return checkpoint_layout(model)
-
-
-def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
-    """Every parameter name and its shape in a HF checkpoint, without allocating weights."""
-    return {name: shape for name, (shape, _) in expected_layout(config).items()}
-
+# ----- checks -----------------------------------------------------------------------------------
 
 def check_tensor(name: str, shape, expected: Dict[str, Tuple[int, ...]], source: str):
     """Raise a CheckpointError unless ``name`` is a model parameter of shape ``shape``."""
@@ -212,74 +194,39 @@ def check_complete(seen, expected: Dict[str, Tuple[int, ...]], source: str):
                               "the checkpoint is incomplete")
 
 
-# ----- conversion --------------------------------------------------------------------------------
 
-_TARGETS = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+# ----- strict loading in mindformers' Trainer flow -----------------------------------------------
+# MultiModalToTextGenerationTrainer builds the network without initial values, loads the checkpoint
+# with mindspore.load_param_into_net (HF directories through the model's convert_weight_dict), then
+# calls init_parameters_data, which would silently fill missing weights with random values.
 
-
-def _convert_shard(shard: str, out_path: str, layout, expected, target: str, weight_map: Dict[str, str]):
-    """One input shard -> one output file in the model's layout, streamed tensor by tensor."""
-    entries = []
-    for name, st_dtype, array in read_safetensors_raw(shard):
-        ms_name = hf_to_ms_name(name)
-        if ms_name is None:
-            continue
-        check_tensor(ms_name, array.shape, expected, os.path.basename(shard))
-        if ms_name in weight_map:
-            raise CheckpointError(f"{shard}: tensor {name} appears twice in the checkpoint")
-        transpose = layout[ms_name][1]
-        shape = array.shape[::-1] if transpose else array.shape
-        entries.append((ms_name, target, shape,
-                        lambda a=array, d=st_dtype, t=transpose: encode_tensor(a, d, t, target)))
-        weight_map[ms_name] = os.path.basename(out_path)
-    write_safetensors(out_path, entries)
-
-
-def convert_checkpoint(input_dir: str, output_dir: str, dtype: str = "bf16", overwrite: bool = False,
-                       progress=None) -> Dict[str, str]:
-    """Convert a HF CogVLM2 checkpoint directory into a MindSpore checkpoint directory.
-
-    One output file per input shard, each written tensor by tensor from a memory map of the input,
-    so memory holds about one tensor (plus the input pages the OS keeps cached). Everything is
-    written into a temporary directory next to ``output_dir`` and renamed into place at the end, so
-    an interrupted run leaves no partial output. Returns the weight map {parameter name: file name}.
-    """
-    from cogvlm2.cogvlm2_config import CogVLM2Config
-
-    target = _TARGETS.get(dtype)
-    if target is None:
-        raise CheckpointError(f"--dtype {dtype!r}: use one of {', '.join(_TARGETS)}")
-    if not os.path.isdir(input_dir):
-        raise CheckpointError(f"{input_dir}: input directory does not exist; give the HF checkpoint folder")
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not overwrite:
-        raise CheckpointError(f"{output_dir}: output already exists; pass --overwrite to replace it")
-    config = CogVLM2Config.from_hf_config(input_dir)
-    shards = checkpoint_files(input_dir)
-    layout = expected_layout(config)
+def convert_weight_dict(model, source_dict: Dict[str, object]) -> Dict[str, object]:
+    """The tensors mindformers read from a HF directory -> the model's parameters, strictly: an
+    unknown tensor or a wrong shape is a CheckpointError (missing ones are caught after loading).
+    Linear weights are transposed from the PyTorch (out, in) layout to the model's (in, out)."""
+    from mindspore import Parameter, ops
+    layout = checkpoint_layout(model)
     expected = {name: shape for name, (shape, _) in layout.items()}
+    converted = {}
+    for name, value in source_dict.items():
+        target = hf_to_ms_name(name)
+        if target is None:
+            continue
+        check_tensor(target, tuple(value.shape), expected, "load_checkpoint")
+        if layout[target][1]:
+            value = Parameter(ops.transpose(value, (1, 0)).contiguous(), name=target)
+        converted[target] = value
+    return converted
 
-    parent = os.path.dirname(output_dir) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    os.chmod(staging, 0o755)
-    weight_map = {}
-    try:
-        for number, shard in enumerate(progress(shards) if progress else shards, 1):
-            out_name = f"mindspore_model-{number:05d}-of-{len(shards):05d}.safetensors"
-            _convert_shard(shard, os.path.join(staging, out_name), layout, expected, target, weight_map)
-        check_complete(weight_map, expected, input_dir)
-        config.save_hf_config(staging)
-        with open(os.path.join(staging, MS_INDEX), "w", encoding="utf-8") as f:
-            json.dump({"format": "cogvlm2-mindspore", "dtype": dtype, "weight_map": weight_map}, f, indent=1)
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
-            os.rename(output_dir, os.path.join(old, "out"))
-            os.rename(staging, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return weight_map
+
+def check_parameters_loaded(model):
+    """Raise a CheckpointError if a parameter was never given a value (built under
+    ``no_init_parameters``, whatever is still uninitialised was missing from the checkpoint)."""
+    params = list(model.get_parameters())
+    missing = [p.name for p in params if p.has_init]
+    if missing:
+        raise CheckpointError(
+            f"load_checkpoint: {len(missing)} of {len(params)} parameters are not in the checkpoint, "
+            f"first {missing[0]}. Is it a CogVLM2-Video checkpoint for this config? Give a HF "
+            "directory (config.json + model.safetensors.index.json + shards) or the output of "
+            "tools/convert_weight.py, and load_ckpt_format: safetensors")

@@ -10,8 +10,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
-from cogvlm2.cogvlm2_weights import (HF_INDEX, CheckpointError, expected_shapes, hf_to_ms_name,
-                                     read_safetensors, transposed_parameters)
+from cogvlm2.cogvlm2_convert import expected_shapes
+from cogvlm2.cogvlm2_weights import HF_INDEX, CheckpointError, hf_to_ms_name, read_safetensors, transposed_parameters
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(FIXTURES, "tiny_chat")

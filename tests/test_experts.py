@@ -7,7 +7,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
-from cogvlm2.cogvlm2_llm import vision_expert_mask
+from cogvlm2.cogvlm2_token_types import vision_expert_mask
 
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
 

@@ -108,7 +108,7 @@ def test_trainer_predict_answers_like_the_reference(workdir, meta):
 
 def test_trainer_predict_converted_checkpoint_in_batches(workdir, meta):
     """A tools/convert_weight.py directory, two questions (video and text only) in one batch."""
-    from cogvlm2.cogvlm2_weights import convert_checkpoint
+    from cogvlm2.cogvlm2_convert import convert_checkpoint
     converted = str(workdir / "converted")
     convert_checkpoint(TINY, converted, dtype="bf16")
     result = run_trainer_predict(converted, [[{"video": VIDEO}, {"text": PROMPT}], [{"text": PROMPT}]],
@@ -118,7 +118,7 @@ def test_trainer_predict_converted_checkpoint_in_batches(workdir, meta):
 
 def test_trainer_predict_refuses_incomplete_checkpoint(workdir):
     """mindformers would fill the missing weights with random values and only warn."""
-    from cogvlm2.cogvlm2_weights import convert_checkpoint
+    from cogvlm2.cogvlm2_convert import convert_checkpoint
     converted = workdir / "converted"
     convert_checkpoint(TINY, str(converted), dtype="fp32")
     (converted / "mindspore_model-00002-of-00002.safetensors").unlink()

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cogvlm2 import CogVLM2Tokenizer, StreamDecoder
+from cogvlm2.cogvlm2_errors import CogVLM2Error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 with open(os.path.join(FIXTURES, "tokenizer_cases.json"), encoding="utf-8") as _handle:
@@ -92,7 +93,7 @@ def test_stream_decoder_skips_specials_and_flushes_incomplete(tokenizer):
 
 def test_missing_vocab_file_names_the_path(tmp_path):
     missing = tmp_path / "nope" / "tokenizer.model"
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(CogVLM2Error, match="nope"):
         CogVLM2Tokenizer(vocab_file=str(missing))
 
 
