@@ -39,38 +39,77 @@ def maxdiff(a, b):
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
+# Tolerances: 10x the larger of what this code achieves against golden.npz (measured on the CI machine
+# kind, 2-core x86 CPU, MindSpore 2.7.2) and what the reference itself varies by across machines
+# (issue #13: vision embeddings 1.5e-9, logits 1.5e-7, hidden states 1.2e-6).
+# 2e-5: 10x the 1.7e-6 this code achieves (conv of 588 terms, values up to 2.0); no cross-machine figure.
+PATCH_EMBED_TOL = 2e-5
+# 3e-5: 10x the 2.7e-6 this code achieves (values up to 6.2); no cross-machine figure.
+VISION_TRANSFORMER_TOL = 3e-5
+# 2e-8: 10x the 2.1e-9 this code achieves; the reference's own cross-machine spread is 1.5e-9.
+VISION_EMBEDS_TOL = 2e-8
+# 4e-8: 10x the 3.7e-9 this code achieves at the decoder layers' inputs (values up to 0.06, the
+# magnitude of the vision embeddings, whose reference spread is 1.5e-9).
+LAYER_INPUT_TOL = 4e-8
+# 1.2e-5: 10x the reference's cross-machine spread of 1.2e-6 (this code achieves 1.2e-6 on the final
+# norm output, values up to 2.9).
+FINAL_NORM_TOL = 1.2e-5
+# 2e-6: 10x the 1.8e-7 this code achieves on logits; the reference's own cross-machine spread is 1.5e-7.
+LOGITS_TOL = 2e-6
+# 1e-5: 10x the 9.1e-7 this code achieves on the log-sum-exp over 128256 logits (the reference sums
+# them in float32; we sum in float64).
+LOGSUMEXP_TOL = 1e-5
+
+
+def assert_hidden_states(states, reference):
+    """Input embeddings and layer inputs at LAYER_INPUT_TOL, the final norm output at FINAL_NORM_TOL."""
+    assert len(states) == len(reference)
+    for i, (ours, ref) in enumerate(zip(states, reference)):
+        tol = FINAL_NORM_TOL if i == len(reference) - 1 else LAYER_INPUT_TOL
+        assert maxdiff(ours[0], ref) <= tol, (i, maxdiff(ours[0], ref), tol)
+
+
+def test_vision_tower_stages(model, golden):
+    """The two debug keys: frame 0 after the patch embedding (conv, CLS, positions) and after the
+    transformer layers, before the adapter."""
+    vision = model.model.vision
+    pixels = ms.Tensor(golden["pixel_values"][:1])
+    patches = vision.patch_embedding(pixels)
+    assert maxdiff(patches.asnumpy()[0], golden["debug_vision_patch_embed_frame0"]) <= PATCH_EMBED_TOL
+    out = vision.transformer(patches).asnumpy()[0]
+    assert maxdiff(out, golden["debug_vision_transformer_out_frame0"]) <= VISION_TRANSFORMER_TOL
+
+
 def test_vision_embeds(model, golden):
     embeds = model.encode_video(golden["pixel_values"])
     assert embeds.shape == golden["vision_embeds"].shape == (6, 66, 32)
-    assert maxdiff(embeds.asnumpy(), golden["vision_embeds"]) <= 1e-5
+    assert maxdiff(embeds.asnumpy(), golden["vision_embeds"]) <= VISION_EMBEDS_TOL
 
 
 def test_hidden_states(model, golden):
     states = model.hidden_states(golden["input_ids"], pixel_values=golden["pixel_values"],
                                  token_type_ids=golden["token_type_ids"], position_ids=golden["position_ids"])
-    assert len(states) == len(golden["hidden_states"])
-    for ours, ref in zip(states, golden["hidden_states"]):
-        assert maxdiff(ours[0], ref) <= 1e-5
+    assert_hidden_states(states, golden["hidden_states"])
 
 
 def test_logits(video_logits, golden):
     assert video_logits.shape == (412, 128256) and video_logits.dtype == np.float32
-    assert maxdiff(video_logits[golden["logits_last8_positions"]], golden["logits_last8"]) <= 2e-5
+    assert maxdiff(video_logits[golden["logits_last8_positions"]], golden["logits_last8"]) <= LOGITS_TOL
     assert np.array_equal(video_logits.argmax(-1), golden["logits_argmax"])
-    assert maxdiff(video_logits.max(-1), golden["logits_max"]) <= 2e-5
-    top = video_logits.max(-1, keepdims=True)
-    lse = np.log(np.exp(video_logits - top).sum(-1)) + top[:, 0]
-    assert maxdiff(lse, golden["logits_logsumexp"]) <= 2e-5
-    assert maxdiff(video_logits[golden["logits_vision_row_position"]], golden["logits_vision_row"]) <= 2e-5
+    assert maxdiff(video_logits.max(-1), golden["logits_max"]) <= LOGITS_TOL
+    logits64 = video_logits.astype(np.float64)
+    top = logits64.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits64 - top).sum(-1)) + top[:, 0]
+    assert maxdiff(lse, golden["logits_logsumexp"]) <= LOGSUMEXP_TOL
+    assert maxdiff(video_logits[golden["logits_vision_row_position"]], golden["logits_vision_row"]) <= LOGITS_TOL
 
 
 def test_text_only(model, golden):
     kwargs = dict(token_type_ids=golden["text_token_type_ids"], position_ids=golden["text_position_ids"])
     states = model.hidden_states(golden["text_input_ids"], **kwargs)
-    for ours, ref in zip(states, golden["text_hidden_states"]):
-        assert maxdiff(ours[0], ref) <= 1e-5
+    assert_hidden_states(states, golden["text_hidden_states"])
     logits = model(golden["text_input_ids"], **kwargs).asnumpy()[0]
-    assert maxdiff(logits[-1], golden["text_logits_last"]) <= 2e-5
+    assert maxdiff(logits[-1], golden["text_logits_last"]) <= LOGITS_TOL
     assert np.array_equal(logits.argmax(-1), golden["text_logits_argmax"])
 
 

@@ -110,7 +110,8 @@ def test_main_case_equals_golden(main_inputs):
 def test_pixel_values_match_golden(main_inputs):
     pixels = main_inputs["pixel_values"]
     assert pixels.dtype == np.float32 and pixels.shape == (META["T"], 3, 224, 224)
-    assert np.abs(pixels - GOLDEN["pixel_values"]).max() <= 1e-5
+    # 2.4e-6: 10x the 2.4e-7 this code achieves (values up to 2.1); decoding is deterministic (decord)
+    assert np.abs(pixels - GOLDEN["pixel_values"]).max() <= 2.4e-6
 
 
 def test_history_case_equals_golden(processor):
