@@ -12,8 +12,8 @@ It reproduces the official ``build_conversation_input_ids`` (THUDM CogVLM2-Video
 - ids: ``[bos]``, per frame ``vision_tokens_per_frame`` pad ids of token type VISION (in ``chat``
   followed by the tokens of ``str(i)``, type LANGUAGE), then the prompt of the template
   (``chat``: ``"Question: {q} Answer: {a}\\n"`` per history turn then ``"Question: {query} Answer:"``;
-  ``base``: the query; ``vqa``: ``"Question: {query} Short answer:"``; ``base`` and ``vqa`` ignore
-  history, as the reference does). Text is encoded without special tokens.
+  ``vqa``: the same with ``Short answer:``; ``base``: the query alone, history ignored, as the
+  reference's ``_history_to_prompt`` does). Text is encoded without special tokens.
 - ``position_ids`` by the reference ``build_position_ids``: the first and last token of every run of
   VISION tokens count as language, a run's interior shares one position.
 
@@ -42,12 +42,11 @@ TEXT_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "position_ids")
 
 # ------------------------------------------------------------------------------------ prompt
 def build_prompt(template_version: str, query: str, history: Sequence[Tuple[str, str]] = ()) -> str:
-    """The text part of the conversation for a template (history is used by ``chat`` only)."""
-    if template_version == "chat":
-        turns = "".join(f"Question: {q} Answer: {a}\n" for q, a in history)
-        return f"{turns}Question: {query} Answer:"
-    if template_version == "vqa":
-        return f"Question: {query} Short answer:"
+    """The text part of the conversation for a template (``base`` ignores the history)."""
+    if template_version in ("chat", "vqa"):
+        answer = "Answer:" if template_version == "chat" else "Short answer:"
+        turns = "".join(f"Question: {q} {answer} {a}\n" for q, a in history)
+        return f"{turns}Question: {query} {answer}"
     if template_version == "base":
         return query
     raise CogVLM2InputError(f"unknown template_version {template_version!r}: choose one of {TEMPLATES}")
@@ -245,7 +244,7 @@ class CogVLM2Processor(BaseProcessor):
         for i, turn in enumerate(history):
             if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
                 raise CogVLM2InputError(f"history[{i}] must be a (question, answer) pair of str, got {turn!r}")
-        if history and self.template_version != "chat":
+        if history and self.template_version == "base":
             warnings.warn(f"template {self.template_version!r} ignores the history (as the reference does); "
                           "use template_version='chat' for multi-turn conversations", stacklevel=3)
         return history
