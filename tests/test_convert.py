@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -64,7 +65,7 @@ def run_cli(capsys, *args):
 def assert_refused(capsys, tmp_path, source, *words):
     out = tmp_path / "out"
     code, err = run_cli(capsys, "--input_path", source, "--output_path", str(out))
-    assert code != 0
+    assert code == 2   # a refusal (bad input), not a crash (1)
     message = [line for line in err if line.startswith("error:")]
     assert len(message) == 1, err
     for word in words:
@@ -75,6 +76,27 @@ def assert_refused(capsys, tmp_path, source, *words):
 
 def test_refuses_missing_input_dir(capsys, tmp_path):
     assert_refused(capsys, tmp_path, str(tmp_path / "nope"), "nope", "does not exist")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_command_line_exit_code_and_traceback(tmp_path, verbose):
+    """As a user runs it: a refusal exits with 2 and one line; --verbose shows the traceback."""
+    script = os.path.join(os.path.dirname(FIXTURES), "..", "tools", "convert_weight.py")
+    argv = [sys.executable, script, "--model", "cogvlm2", "--input_path", str(tmp_path / "nope"),
+            "--output_path", str(tmp_path / "out")] + (["--verbose"] if verbose else [])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                              os.path.dirname(os.path.dirname(FIXTURES)), os.environ.get("PYTHONPATH")]))})
+    assert "does not exist" in proc.stderr
+    if verbose:   # the exception propagates, with its traceback, as in run_predict.py --verbose
+        assert proc.returncode == 1   # Python's code for an uncaught exception
+        assert "Traceback (most recent call last)" in proc.stderr and "CheckpointError" in proc.stderr
+        assert "convert_checkpoint" in proc.stderr   # the frames of the failing call
+    else:
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == \
+            [line for line in proc.stderr.splitlines() if "does not exist" in line]
 
 
 def test_refuses_missing_shard(capsys, tmp_path):
@@ -115,7 +137,7 @@ def test_existing_output_needs_overwrite(capsys, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     code, err = run_cli(capsys, "--input_path", TINY, "--output_path", str(out))
-    assert code != 0 and "--overwrite" in err[-1]
+    assert code == 2 and "--overwrite" in err[-1]
     assert (out / "keep.txt").read_text() == "user data"
     code, _ = run_cli(capsys, "--input_path", TINY, "--output_path", str(out), "--overwrite", "--dtype", "fp32")
     assert code == 0 and not (out / "keep.txt").exists()
