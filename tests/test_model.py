@@ -136,3 +136,18 @@ def test_config_rejects_bad_values():
         CogVLM2Config(num_attention_heads=32, num_multi_query_heads=5)
     with pytest.raises(CogVLM2ConfigError, match="expert_set"):
         CogVLM2Config(expert_set="audio")
+
+
+def test_left_padded_batch_rows_equal_golden(model, golden, meta):
+    """The text-only prompt left-padded to the video prompt's length, in one batch with it (as
+    CogVLM2Processor builds it): each row's logits are the reference's for that prompt alone."""
+    from cogvlm2 import CogVLM2Processor, CogVLM2Tokenizer
+    video = os.path.join(FIXTURES, "bigbuckbunny.mp4")
+    batch = CogVLM2Processor(CogVLM2Tokenizer())([[{"text": meta["prompt"]}], [{"video": video}, {"text": meta["prompt"]}]])
+    length, n_text = meta["seq_len"], meta["text_seq_len"]
+    assert batch["attention_mask"][0].tolist() == [0] * (length - n_text) + [1] * n_text   # left padding
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], token_type_ids=batch["token_type_ids"],
+                   position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]).asnumpy()
+    assert maxdiff(logits[0, -1], golden["text_logits_last"]) <= LOGITS_TOL
+    assert np.array_equal(logits[0, -n_text:].argmax(-1), golden["text_logits_argmax"])
+    assert maxdiff(logits[1, golden["logits_last8_positions"]], golden["logits_last8"]) <= LOGITS_TOL
