@@ -43,9 +43,10 @@ def test_greedy_tokens_and_scores_match_reference(model, golden, meta, processor
     scores = np.stack([s[0] for s in out.scores])                         # (20, vocab)
     top5 = np.argsort(-scores, -1, kind="stable")[:, :5]
     assert np.array_equal(top5, golden[prefix + "gen_step_top5_ids"])
-    assert np.abs(np.take_along_axis(scores, top5, -1) - golden[prefix + "gen_step_top5_values"]).max() <= 2e-5
+    # 2e-6: 10x the 1.2e-7 these logits achieve; the reference's own cross-machine spread is 1.5e-7
+    assert np.abs(np.take_along_axis(scores, top5, -1) - golden[prefix + "gen_step_top5_values"]).max() <= 2e-6
     if not prefix:
-        assert np.abs(scores[1] - golden["gen_step1_logits"]).max() <= 2e-5
+        assert np.abs(scores[1] - golden["gen_step1_logits"]).max() <= 2e-6
 
 
 def test_recompute_without_cache_gives_the_same_tokens(golden):

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cogvlm2 import CogVLM2InputError, CogVLM2Processor, CogVLM2Tokenizer
-from cogvlm2.cogvlm2_processor import build_position_ids, build_prompt
+from cogvlm2.cogvlm2_processor import build_prompt
+from cogvlm2.cogvlm2_token_types import build_position_ids
 from cogvlm2.cogvlm2_video_io import base_frame_indices, chat_frame_indices
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from cogvlm2 import CogVLM2Processor, CogVLM2Tokenizer
-from cogvlm2.cogvlm2_llm import vision_expert_mask
-from cogvlm2.cogvlm2_processor import build_position_ids
+from cogvlm2.cogvlm2_token_types import build_position_ids, vision_expert_mask
 from cogvlm2.cogvlm2_video_io import base_frame_indices, chat_frame_indices
 import video_recipes
 
