@@ -75,6 +75,12 @@ class CogVLM2VideoPipeline(MultiModalToTextPipeline):
     ``temperature``, ``repetition_penalty``, ``seed``) override the model config's.
     """
 
+    def __init__(self, model, processor=None, **kwargs):
+        super().__init__(model, processor=processor, **kwargs)
+        if isinstance(self.network, CogVLM2ForVideo) and self.processor is not None \
+                and hasattr(self.processor, "apply_model_config"):
+            self.processor.apply_model_config(self.network.config)   # sizes stated once, in model_config
+
     def _sanitize_parameters(self, **pipeline_parameters):
         forward = {key: pipeline_parameters[key] for key in set(GENERATION_KEYS.values())
                    if pipeline_parameters.get(key) is not None}

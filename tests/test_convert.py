@@ -71,7 +71,7 @@ def assert_refused(capsys, tmp_path, source, *words):
     for word in words:
         assert word in message[0]
     assert not out.exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")], "staging left behind"
+    assert not [p for p in os.listdir(tmp_path) if ".convert-" in p], "staging left behind"
 
 
 def test_refuses_missing_input_dir(capsys, tmp_path):
@@ -183,3 +183,55 @@ def test_bf16_rounding_matches_mindspore():
     ours = _bf16_to_fp32(_fp32_to_bf16(values))
     theirs = Tensor(values).astype(ms.bfloat16).astype(ms.float32).asnumpy()
     assert np.array_equal(ours, theirs)
+
+
+# ----- interrupted or failing conversions leave nothing behind ----------------------------------
+def _staging_dirs(folder):
+    return [p for p in os.listdir(folder) if ".convert-" in p]
+
+
+def test_a_killed_runs_staging_directory_is_removed_by_the_next_run(capsys, tmp_path):
+    stale = tmp_path / ".out.convert-999999999-abcd"          # as left by kill -9 (no such process)
+    stale.mkdir()
+    (stale / "mindspore_model-00001-of-00002.safetensors").write_bytes(b"partial" * 1000)
+    code, _ = run_cli(capsys, "--input_path", TINY, "--output_path", str(tmp_path / "out"))
+    assert code == 0 and (tmp_path / "out" / "mindspore_model.index.json").exists()
+    assert _staging_dirs(tmp_path) == []
+
+
+def test_sigterm_during_conversion_cleans_up(tmp_path):
+    import signal
+    from cogvlm2.cogvlm2_convert import convert_checkpoint
+
+    def terminate_after_first_shard(shards):
+        for number, shard in enumerate(shards):
+            if number == 1:
+                os.kill(os.getpid(), signal.SIGTERM)            # arrives while converting
+            yield shard
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(TINY, str(tmp_path / "out"), progress=terminate_after_first_shard)
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # the handler is restored
+
+
+@pytest.mark.parametrize("errno_name, words", [("ENOSPC", "the disk is full"),
+                                               ("EROFS", "read-only or no permission"),
+                                               ("EACCES", "read-only or no permission")])
+def test_disk_full_or_read_only_is_one_line(capsys, tmp_path, monkeypatch, errno_name, words):
+    import errno
+    from cogvlm2 import cogvlm2_convert
+
+    def fail(path, entries):
+        code = getattr(errno, errno_name)
+        raise OSError(code, os.strerror(code), path)
+
+    monkeypatch.setattr(cogvlm2_convert, "write_safetensors", fail)
+    assert_refused(capsys, tmp_path, TINY, str(tmp_path / "out"), words, "nothing was written")
+
+
+def test_converting_a_converted_directory_says_load_it(capsys, tmp_path):
+    converted = tmp_path / "converted"
+    assert run_cli(capsys, "--input_path", TINY, "--output_path", str(converted))[0] == 0
+    assert_refused(capsys, tmp_path, str(converted), "already a converted MindSpore checkpoint",
+                   "load it directly")
