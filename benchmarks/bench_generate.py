@@ -1,24 +1,33 @@
 """Generation benchmark on a random-weight model (a script that prints figures, not a test).
 
     python benchmarks/bench_generate.py [--config benchmarks/bench_config.json] [--video V]
-                                        [--new-tokens 64] [--runs 3]
+                                        [--new-tokens 32] [--runs 3] [--peer]
 
-Prints medians of ``--runs`` runs: preprocess ms, vision encode ms, prefill ms (including vision),
-decode tokens/s with the KV cache at the video prompt's context and at ~1600 tokens of context,
-decode tokens/s without the cache (recomputing the whole sequence each step), compile time, peak RSS,
-and the fraction of the memory-bandwidth bound the cached decode reaches.
+Prints medians of ``--runs`` rounds: preprocess ms, vision encode ms, prefill ms (including vision),
+decode tokens/s with the KV cache at the video prompt's context, the memory-bandwidth bound of that
+decode (read bandwidth measured in the same round), compile time, peak RSS against the weight bytes;
+then, once, decode at ~1600 tokens of context and without the cache.
+
+With ``--peer`` and the official PyTorch implementation present at ``REPO/../shared/peer`` (same bench
+config, same video, same machine), every round runs our figures and then the peer's
+``bench_generate_peer.py`` as a subprocess, so load drift from other jobs cancels in the ratios; the
+table shows both columns and the ratio. Without that directory only our column is printed.
 """
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BANDWIDTH_GBS = 29.0   # measured read bandwidth of 2 threads on the reference machine (issue #4)
+PEER_DIR = os.path.join(os.path.dirname(REPO), "shared", "peer")
+PEER_PROMPT = "Describe this video in detail."   # the prompt bench_generate_peer.py uses
 
 
 def parse_args():
@@ -26,11 +35,13 @@ def parse_args():
     parser.add_argument("--config", default=os.path.join(REPO, "benchmarks", "bench_config.json"),
                         help="HF-style config.json of the model to build with random weights")
     parser.add_argument("--video", default=os.path.join(REPO, "tests", "fixtures", "bigbuckbunny.mp4"))
-    parser.add_argument("--prompt", default="Please describe this video.")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--long-context", type=int, default=1600, help="context for the second decode figure")
+    parser.add_argument("--prompt", default=PEER_PROMPT, help="default: the peer benchmark's prompt")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--long-context", type=int, default=1600, help="context for the long decode figure")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peer", action="store_true",
+                        help=f"interleave runs of the official implementation ({PEER_DIR}) and print ratios")
     return parser.parse_args()
 
 
@@ -40,17 +51,50 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_bandwidth_gbs(nbytes: int, threads: int = 2, repeats: int = 5) -> float:
+    """Best read bandwidth of ``threads`` numpy threads summing (column-wise) an array of ``nbytes``:
+    the rate a decode step that reads ``nbytes`` of weights cannot beat on this machine right now."""
+    data = np.ones((max(nbytes // 4096, threads), 1024), np.float32)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(part,)) for part in parts]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
 def random_model(config_path: str, seed: int):
+    """The model with N(0, 0.02) weights, filled in place one parameter at a time (no extra copies:
+    peak RSS stays near the weight bytes)."""
     from mindspore import Tensor
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
     model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path))
     rng = np.random.default_rng(seed)
     for _, param in model.parameters_and_names():
-        param.set_data(Tensor(rng.standard_normal(param.shape, dtype=np.float32) * 0.02))
+        values = rng.standard_normal(param.shape, dtype=np.float32)
+        values *= 0.02
+        param.set_data(Tensor.from_numpy(values))
     return model
 
 
-def long_history(processor, query: str, target: int):
+def long_history(processor, target: int):
     """A chat history that brings a text-only prompt to about ``target`` tokens."""
     turn = ("What is happening in the video at this moment?",
             "A large rabbit walks out of a burrow and looks around the meadow in the morning sun.")
@@ -58,21 +102,18 @@ def long_history(processor, query: str, target: int):
     return [turn] * max(1, (target - 20) // per_turn)
 
 
-def decode_rate(model, inputs, new_tokens: int, runs: int, pixel_values=None):
-    rates = []
-    for _ in range(runs):
-        out = model.generate(inputs["input_ids"], pixel_values=pixel_values,
-                             token_type_ids=inputs["token_type_ids"], position_ids=inputs["position_ids"],
-                             max_new_tokens=new_tokens, stop_token_ids=[])
-        rates.append(out.decode_tokens_per_second)
-    return statistics.median(rates)
+def decode_rate(model, inputs, new_tokens: int, pixel_values=None) -> float:
+    out = model.generate(inputs["input_ids"], pixel_values=pixel_values,
+                         token_type_ids=inputs["token_type_ids"], position_ids=inputs["position_ids"],
+                         max_new_tokens=new_tokens, stop_token_ids=[])
+    return out.decode_tokens_per_second
 
 
 def nocache_rate(model, inputs, pixel_values, new_tokens: int) -> float:
     """Greedy decoding that re-runs the whole sequence for every new token (``use_past: False``)."""
     model.config.use_past = False
     try:
-        return decode_rate(model, inputs, new_tokens, 1, pixel_values)
+        return decode_rate(model, inputs, new_tokens, pixel_values)
     finally:
         model.config.use_past = True
 
@@ -87,6 +128,33 @@ def decode_bytes(model) -> int:
     return total
 
 
+def weight_bytes(model) -> int:
+    return sum(int(np.prod(p.shape)) * p.data.itemsize for _, p in model.parameters_and_names())
+
+
+def peer_python():
+    """The peer venv's python (``setup.sh`` prints it; it builds the venv on first use), or None."""
+    if not os.path.isfile(os.path.join(PEER_DIR, "bench_generate_peer.py")):
+        return None
+    out = subprocess.run(["bash", os.path.join(PEER_DIR, "setup.sh")], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run_peer(python: str, video: str, new_tokens: int) -> dict:
+    """One run of the official implementation's benchmark: its JSON line as a dict."""
+    out = subprocess.run([python, "bench_generate_peer.py", video, str(new_tokens)], cwd=PEER_DIR,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table_row(label: str, ours: float, peer, unit: str, fmt: str, higher_is_better: bool):
+    ours_s = f"{ours:{fmt}} {unit}"
+    if peer is None:
+        return f"| {label:28s} | {ours_s:>14s} |"
+    ratio = ours / peer if higher_is_better else peer / ours
+    return f"| {label:28s} | {ours_s:>14s} | {peer:{fmt}} {unit:>8s} | {ratio:5.2f}x |"
+
+
 def main():
     args = parse_args()
     import mindspore as ms
@@ -94,14 +162,19 @@ def main():
     from cogvlm2 import CogVLM2Processor, CogVLM2Tokenizer
     from cogvlm2.cogvlm2 import causal_bias
 
+    python = peer_python() if args.peer else None
+    if args.peer and python is None:
+        print(f"(no peer at {PEER_DIR}: our column only)")
+    base_rss = rss_mb()                                  # the interpreter with mindspore and mindformers
     model = random_model(args.config, args.seed)
     processor = CogVLM2Processor(CogVLM2Tokenizer(), num_frames=model.config.num_frames)
+    loaded_peak = peak_rss_mb()
     runs = max(1, args.runs)
 
-    pre = [timed(lambda: processor(text=args.prompt, video=args.video)) for _ in range(runs)]
-    inputs = pre[-1][1]
+    inputs = processor(text=args.prompt, video=args.video)
     pixels = inputs["pixel_values"]
     length = inputs["input_ids"].shape[1]
+    step_bytes = decode_bytes(model)
 
     def prefill():
         rows = model._vision_rows(pixels, None)
@@ -112,33 +185,60 @@ def main():
 
     first_vision, _ = timed(lambda: model.encode_video(pixels).asnumpy())
     first_prefill, _ = timed(prefill)
-    vision = statistics.median(timed(lambda: model.encode_video(pixels).asnumpy())[0] for _ in range(runs))
-    prefill_s = statistics.median(timed(prefill)[0] for _ in range(runs))
-    compile_s = first_prefill - prefill_s + first_vision - vision
+    decode_rate(model, inputs, 2, pixels)                # warm the decode shapes
 
-    short = decode_rate(model, inputs, args.new_tokens, runs, pixels)
-    long_inputs = processor.build_inputs(args.prompt, None, long_history(processor, args.prompt, args.long_context))
+    ours = {k: [] for k in ("preprocess", "vision", "prefill", "decode", "bandwidth")}
+    peers = []
+    for _ in range(runs):
+        ours["preprocess"].append(timed(lambda: processor(text=args.prompt, video=args.video))[0])
+        ours["vision"].append(timed(lambda: model.encode_video(pixels).asnumpy())[0])
+        ours["prefill"].append(timed(prefill)[0])
+        ours["bandwidth"].append(read_bandwidth_gbs(step_bytes))
+        ours["decode"].append(decode_rate(model, inputs, args.new_tokens, pixels))
+        if python:
+            peers.append(run_peer(python, args.video, args.new_tokens))
+    med = {k: statistics.median(v) for k, v in ours.items()}
+    compile_s = first_prefill - med["prefill"] + first_vision - med["vision"]
+    generated_peak = peak_rss_mb()
+
+    long_inputs = processor.build_inputs(args.prompt, None, long_history(processor, args.long_context))
     long_len = long_inputs["input_ids"].shape[1]
-    long_rate = decode_rate(model, long_inputs, args.new_tokens, runs)
+    long_rate = decode_rate(model, long_inputs, args.new_tokens)
     nocache = nocache_rate(model, inputs, pixels, min(16, args.new_tokens))
 
-    step_bytes = decode_bytes(model)
-    achieved = step_bytes * short / 1e9
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"config                {os.path.relpath(args.config, REPO)}; {model.config.num_hidden_layers} decoder "
-          f"layers, hidden {model.config.hidden_size}; {len(pixels)} frames; prompt {length} tokens")
-    print(f"preprocess            {statistics.median(t for t, _ in pre) * 1e3:8.1f} ms")
-    print(f"vision encode         {vision * 1e3:8.1f} ms")
-    print(f"prefill (incl vision) {prefill_s * 1e3:8.1f} ms")
-    print(f"decode @ {length:4d} ctx     {short:8.1f} tokens/s ({args.new_tokens} new tokens)")
-    print(f"decode @ {long_len:4d} ctx     {long_rate:8.1f} tokens/s (step time x{short / long_rate:.2f} "
+    wbytes = weight_bytes(model) / 1e6
+    bound = med["bandwidth"] * 1e9 / step_bytes          # tokens/s if a step only read its weights
+    peer_med = ({k: statistics.median(p[key] for p in peers) for k, key in
+                 (("preprocess", "preprocess_s"), ("vision", "vision_s"), ("prefill", "prefill_incl_vision_s"),
+                  ("decode", "decode_tok_per_s"))} if peers else {})
+    print(f"config {os.path.relpath(args.config, REPO)}: {model.config.num_hidden_layers} decoder layers, hidden "
+          f"{model.config.hidden_size}, {wbytes:.0f} MB of float32 weights; {len(pixels)} frames; prompt "
+          f"{length} tokens" + (f" (peer {peers[0]['prompt_tokens']})" if peers else "")
+          + f"; medians of {runs} rounds" + (", ours and the peer's interleaved" if peers else ""))
+    header = "| stage                        | ours           |" + (" official        | ratio  |" if peers else "")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    rows = [("preprocess (frames + tokens)", med["preprocess"] * 1e3, peer_med.get("preprocess"), "ms", ".0f", False),
+            (f"vision encode, {len(pixels)} frames", med["vision"] * 1e3, peer_med.get("vision"), "ms", ".0f", False),
+            ("prefill incl. vision", med["prefill"] * 1e3, peer_med.get("prefill"), "ms", ".0f", False),
+            (f"decode @ {length} tokens", med["decode"], peer_med.get("decode"), "tok/s", ".1f", True)]
+    for label, value, peer, unit, fmt, higher in rows:
+        if peer is not None and unit == "ms":
+            peer *= 1e3
+        print(table_row(label, value, peer, unit, fmt, higher))
+    print(f"read bandwidth (2 threads)    {med['bandwidth']:.1f} GB/s (measured each round; rounds: "
+          + ", ".join(f"{b:.1f}" for b in ours["bandwidth"]) + ")")
+    print(f"decode vs bandwidth bound     {med['decode'] / bound:.0%} of {bound:.1f} tokens/s "
+          f"({step_bytes / 1e6:.0f} MB of weights per step)"
+          + (f"; peer {peer_med['decode'] / bound:.0%}" if peers else ""))
+    print(f"decode @ {long_len} tokens        {long_rate:.1f} tokens/s (step time x{med['decode'] / long_rate:.2f} "
           f"of the {length}-token one)")
-    print(f"decode, no KV cache   {nocache:8.1f} tokens/s (recompute; cache speed-up x{short / nocache:.1f})")
-    print(f"compile (first call)  {compile_s:8.2f} s")
-    print(f"peak RSS              {rss_mb:8.0f} MB")
-    print(f"bandwidth             {step_bytes / 1e6:.0f} MB of weights per step -> {achieved:.1f} GB/s, "
-          f"{achieved / BANDWIDTH_GBS:.0%} of the {BANDWIDTH_GBS:.0f} GB/s bound "
-          f"({BANDWIDTH_GBS * 1e9 / step_bytes:.0f} tokens/s)")
+    print(f"decode, no KV cache           {nocache:.1f} tokens/s (recompute; cache speed-up "
+          f"x{med['decode'] / nocache:.1f})")
+    print(f"compile (first calls)         {compile_s:.2f} s (vision graph + step graph)")
+    print(f"peak RSS                      {generated_peak:.0f} MB = {generated_peak / wbytes:.2f}x the weights "
+          f"(after loading {loaded_peak:.0f} MB; interpreter with mindspore/mindformers alone {base_rss:.0f} MB: "
+          f"{(generated_peak - base_rss) / wbytes:.2f}x above it)")
     return 0
 
 
