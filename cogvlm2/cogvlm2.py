@@ -1,8 +1,9 @@
 """CogVLM2ForVideo: EVA2-CLIP-E vision tower + adapter + visual-expert Llama-3 decoder.
 
 Two graphs are compiled (GRAPH_MODE by default), each once:
-- ``model.vision``: one frame (1, 3, 224, 224) -> vision embeddings (1, 66, hidden), a static shape
-  run once per frame (on CPU, static-shape kernels run this tower 1.7x faster than a dynamic T);
+- ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
+  on chunks of ``config.vision_batch_frames`` frames, left-over frames one at a time (on CPU,
+  static-shape kernels run this tower 1.7x faster than a dynamic T);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
   prefill (empty cache) and every decode step.
@@ -133,7 +134,11 @@ class CogVLM2ForVideo(PreTrainedModel):
         if pixels.ndim != 4 or pixels.shape[1:] != (self.config.vision_config.in_channels, size, size):
             raise CogVLM2InputError(f"pixel_values has shape {pixels.shape}; expected (T, 3, {size}, {size}) "
                              "from CogVLM2Processor")
-        frames = [self.model.vision(Tensor(pixels[i:i + 1])) for i in range(len(pixels))]  # (1, 66, H) each
+        # static-shape graphs: chunks of vision_batch_frames (c, 3, 224, 224), then single frames
+        chunk = max(1, self.config.vision_batch_frames)
+        full = len(pixels) // chunk * chunk
+        spans = [(s, chunk) for s in range(0, full, chunk)] + [(s, 1) for s in range(full, len(pixels))]
+        frames = [self.model.vision(Tensor(pixels[s:s + n])) for s, n in spans]  # (n, 66, H) each
         return ops.concat(frames, 0) if len(frames) > 1 else frames[0]
 
     # ----- one forward pass ----------------------------------------------------------------------
