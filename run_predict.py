@@ -224,11 +224,14 @@ def run(args, out, progress: Progress) -> int:
 
     import cogvlm2  # noqa: F401  registers the plugin with mindformers
     from cogvlm2.cogvlm2_cli import interrupt_on_signals
-    with interrupt_on_signals():             # SIGTERM ends the run like Ctrl-C: exit 130, no result file
-        return answer_queries(args, queries, out, progress)
+    engines = []                             # SIGINT/SIGTERM: cancel what the engine is doing, exit 130
+    with interrupt_on_signals(on_signal=lambda: [engine.cancel_all() for engine in engines]) as stopped:
+        return answer_queries(args, queries, out, progress, engines, stopped)
 
 
-def answer_queries(args, queries, out, progress: Progress) -> int:
+def answer_queries(args, queries, out, progress: Progress, engines: list, stopped) -> int:
+    """Load the engine (appended to ``engines`` for the signal handler) and answer; ``stopped`` is set
+    by SIGINT/SIGTERM."""
     from cogvlm2 import CogVLM2Engine, GenerationOptions
     from cogvlm2.cogvlm2_cli import write_atomically
     from cogvlm2.cogvlm2_loading import read_yaml
@@ -249,6 +252,14 @@ def answer_queries(args, queries, out, progress: Progress) -> int:
                                            device_target=args.device_target, device_id=args.device_id,
                                            max_batch_size=batch_size)
         result.append(f"{sum(p.size for p in engine.model.get_parameters()) / 1e6:.1f}M parameters")
+    engines.append(engine)
+
+    def finished(handle):
+        output = handle.result()
+        if stopped.is_set():                 # the signal's KeyboardInterrupt may have been swallowed
+            raise KeyboardInterrupt
+        return output
+
     records = []
     with engine:
         try:
@@ -260,7 +271,7 @@ def answer_queries(args, queries, out, progress: Progress) -> int:
                             out.write(piece)
                             out.flush()
                         out.write("\n")
-                    output = handle.result()
+                    output = finished(handle)
                     progress.write(f"answer {index + 1}/{len(queries)}: {describe(output)}\n")
                     records.append(answer_record(index, query, output))
                     if args.output_format == "jsonl":
@@ -271,7 +282,7 @@ def answer_queries(args, queries, out, progress: Progress) -> int:
                                f"(batch size {batch_size}) ...\n")
                 handles = [submit_query(engine, query, args.max_new_tokens) for query in queries]
                 for index, (query, handle) in enumerate(zip(queries, handles)):
-                    output = handle.result()
+                    output = finished(handle)
                     progress.write(f"answer {index + 1}/{len(queries)}: {describe(output)}\n")
                     records.append(answer_record(index, query, output))
                     line = json.dumps(records[-1], ensure_ascii=False) if args.output_format == "jsonl" \

@@ -133,7 +133,7 @@ class CogVLM2ForVideo(PreTrainedModel):
         size = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (self.config.vision_config.in_channels, size, size):
             raise CogVLM2InputError(f"pixel_values has shape {pixels.shape}; expected (T, 3, {size}, {size}) "
-                             "from CogVLM2Processor")
+                                    "from CogVLM2Processor")
         # static-shape graphs: chunks of vision_batch_frames (c, 3, 224, 224), then single frames
         chunk = max(1, self.config.vision_batch_frames)
         full = len(pixels) // chunk * chunk

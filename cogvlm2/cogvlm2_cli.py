@@ -12,19 +12,27 @@ __all__ = ["interrupt_on_signals", "write_atomically", "one_line", "is_user_erro
 
 
 @contextlib.contextmanager
-def interrupt_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+def interrupt_on_signals(signals=(signal.SIGINT, signal.SIGTERM), on_signal=None):
     """Inside the block the given signals raise KeyboardInterrupt (whatever handler a library
-    installed), so ``finally`` clauses clean up. Only the main thread can install handlers."""
+    installed), so ``finally`` clauses clean up. Only the main thread can install handlers.
+
+    Yields an Event that is set on the signal. Python drops an exception raised while the main
+    thread is inside a ``__del__``, so code that waits on other threads should also check the event;
+    ``on_signal()`` (e.g. ``engine.cancel_all``) is called first, to end such waits."""
+    stopped = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopped
         return
 
     def interrupt(signum, frame):
+        stopped.set()
+        if on_signal is not None:
+            on_signal()
         raise KeyboardInterrupt(f"signal {signum}")
 
     saved = {sig: signal.signal(sig, interrupt) for sig in signals}
     try:
-        yield
+        yield stopped
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

@@ -276,6 +276,7 @@ class CogVLM2Engine:
         self._ready: Deque[_Request] = collections.deque()  # prepared, waiting for a batch slot
         self._jobs: Deque[Tuple[callable, Future]] = collections.deque()   # calls to run on the model thread
         self._preparing = 0
+        self._live: set = set()                            # handles not finished yet
         self._running: List[_Sequence] = []
         self._past = None                                   # tuple of 2*layers (B, Hkv, S, d)
         self._valid = np.zeros((0, 0), dtype=bool)          # (B, S) columns that hold a token
@@ -326,6 +327,7 @@ class CogVLM2Engine:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
             self._preparing += 1
+            self._live.add(handle)
             self.stats.submitted += 1
         self._prep.submit(self._prepare, request)
         return handle
@@ -383,6 +385,14 @@ class CogVLM2Engine:
             stats.waiting = len(self._ready) + self._preparing
         return stats
 
+    def cancel_all(self):
+        """Cancel every request not finished yet (e.g. on Ctrl-C); their handles return at once."""
+        with self._cond:
+            handles = list(self._live)
+        for handle in handles:
+            handle.cancel()
+        self._wake()
+
     def _wake(self):
         with self._cond:
             self._cond.notify_all()
@@ -393,10 +403,9 @@ class CogVLM2Engine:
             if not request.handle.cancelled:
                 self._prepare_inputs(request)
         except Exception as error:  # pylint: disable=broad-except  (the request fails, not the engine)
-            request.handle._fail(error)
             with self._cond:
                 self._preparing -= 1
-                self.stats.failed += 1
+            self._fail(request.handle, error)
             return
         with self._cond:
             self._preparing -= 1
@@ -477,9 +486,7 @@ class CogVLM2Engine:
             sequence = _Sequence(request, ids[0], int(positions.max()) + 1, stop_ids)
             token = sequence.pick(logits.asnumpy())
         except Exception as error:  # pylint: disable=broad-except
-            handle._fail(error)
-            with self._cond:
-                self.stats.failed += 1
+            self._fail(handle, error)
             return
         request.pixel_values = None
         with self._cond:
@@ -522,9 +529,7 @@ class CogVLM2Engine:
             logits = logits.asnumpy()                                                # (B, vocab)
         except Exception as error:  # pylint: disable=broad-except  (fail the batch, keep serving)
             for sequence in rows:
-                sequence.handle._fail(error)
-            with self._cond:
-                self.stats.failed += len(rows)
+                self._fail(sequence.handle, error)
             self._running, self._past, self._valid = [], None, np.zeros((0, 0), dtype=bool)
             return
         self._past, self._valid = tuple(past), valid
@@ -572,10 +577,17 @@ class CogVLM2Engine:
     def _finish(self, handle: RequestHandle, reason: str):
         handle._finish(reason)
         with self._cond:
+            self._live.discard(handle)
             if reason == "cancelled":
                 self.stats.cancelled += 1
             else:
                 self.stats.finished += 1
+
+    def _fail(self, handle: RequestHandle, error: BaseException):
+        handle._fail(error)
+        with self._cond:
+            self._live.discard(handle)
+            self.stats.failed += 1
 
 
 def _left_pad(tensor, count: int):

@@ -105,6 +105,17 @@ def _unknown_tensors_dir(path):
     return str(path)
 
 
+def _tiny_yaml_with(path, top_level=None, **model_config):
+    """A copy of the tiny YAML with some model_config keys (and top-level keys) changed."""
+    import yaml
+    with open(TINY_YAML, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    config.update(top_level or {})
+    config["model"]["model_config"].update(model_config)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
 CASES = {   # name: (extra arguments, a piece of the message); the default question is VIDEO + PROMPT
     "unknown modal type": (["--modal_type", "video", "audio"], "unknown --modal_type 'audio'"),
     "lengths differ": (["--predict_data", VIDEO, PROMPT, PROMPT, "--modal_type", "video", "text"],
@@ -129,6 +140,21 @@ CASES = {   # name: (extra arguments, a piece of the message); the default quest
     "foreign tensors": (lambda d: ["--load_checkpoint", _unknown_tensors_dir(d / "other")],
                         "unknown tensor transformer.wte.weight"),
     "not predict": (["--run_mode", "train"], "run_predict.py only predicts"),
+    # found when tried as a new user would (issue 8)
+    "13B YAML without a checkpoint": (["--config", REAL_YAML, "--device_target", "CPU", "--load_checkpoint", ""],
+                                      "sets no load_checkpoint; pass --load_checkpoint DIR"),
+    "bf16 on CPU": (lambda d: ["--config", _tiny_yaml_with(d / "bf16.yaml", compute_dtype="bfloat16")],
+                    "compute_dtype 'bfloat16' does not run on CPU"),
+    "max_new_tokens 0": (["--max_new_tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    "max_new_tokens in YAML": (lambda d: ["--config", _tiny_yaml_with(d / "neg.yaml", max_new_tokens=-2)],
+                               "max_new_tokens must be an integer >= 1, got -2"),
+    "top_p in YAML": (lambda d: ["--config", _tiny_yaml_with(d / "topp.yaml", top_p="high")],
+                      "top_p must be a number in (0, 1], got 'high'"),
+    "empty YAML": (lambda d: ["--config", _text_file(d / "empty.yaml", "")], "empty.yaml' is empty"),
+    "list YAML": (lambda d: ["--config", _text_file(d / "list.yaml", "- a\n- b\n")], "is a list, not a mapping"),
+    "scalar YAML": (lambda d: ["--config", _text_file(d / "word.yaml", "hello\n")], "is a str, not a mapping"),
+    "result folder missing": (lambda d: ["--config", _tiny_yaml_with(d / "save.yaml", {"save_file": "no/dir/r.txt"})],
+                              "folder"),
 }
 
 
@@ -152,3 +178,53 @@ def test_verbose_shows_the_traceback(cli, workdir):
     with pytest.raises(CogVLM2Error, match="config file not found"):
         cli.main(["--config", "none.yaml", "--predict_data", VIDEO, PROMPT, "--modal_type", "video", "text",
                   "--verbose"])
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupt_exits_130_without_a_result_file(workdir, signal_name):
+    """Ctrl-C (or SIGTERM) while generating: an 'interrupted' line, exit code 130, no result file."""
+    import signal
+    import select
+    proc = subprocess.Popen(
+        [sys.executable, RUN_PREDICT, "--config", TINY_YAML, "--load_checkpoint", TINY, "--predict_data", PROMPT,
+         "--max_new_tokens", "2000"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    try:
+        while "generating" not in seen:                 # wait until the model is loaded and decoding
+            ready, _, _ = select.select([proc.stderr], [], [], 120)
+            assert ready, f"no progress within 120 s: {seen!r}"
+            line = proc.stderr.readline()
+            assert line, f"run_predict.py ended early: {seen!r}"
+            seen += line
+        proc.send_signal(getattr(signal, signal_name))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, seen + err
+    assert err.strip().endswith("interrupted (no result file written)") and "Traceback" not in err, err
+    assert not (workdir / RESULT_FILE).exists()
+
+
+def test_jsonl_output_keeps_answers_with_newlines_apart(cli, capsys, workdir, meta):
+    argv = ["--config", TINY_YAML, "--load_checkpoint", TINY, "--predict_data", VIDEO, PROMPT, PROMPT,
+            "--modal_type", "video", "text", "text", "--max_new_tokens", "6", "--output_format", "jsonl"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["index"] for r in records] == [0, 1] and len(lines) == 2
+    from cogvlm2 import CogVLM2Tokenizer
+    decode = CogVLM2Tokenizer().decode
+    assert records[0]["answer"] == decode(meta["gen_new_tokens"][:6])
+    assert records[1]["answer"] == decode(meta["text_gen_new_tokens"][:6])
+    assert records[0]["frame_indices"] == [0, 25, 50, 75, 100, 125] and records[0]["prompt_tokens"] == 412
+    assert records[1]["media"] is None and records[1]["new_tokens"] == 6
+
+
+def test_the_result_file_is_replaced_whole(cli, capsys, workdir):
+    """Written to a temporary file and renamed: an old result is never mixed with a new one."""
+    (workdir / RESULT_FILE).write_text("x" * 10000, encoding="utf-8")
+    assert cli.main(["--config", TINY_YAML, "--load_checkpoint", TINY, "--predict_data", PROMPT,
+                     "--max_new_tokens", "2"]) == 0
+    text = (workdir / RESULT_FILE).read_text(encoding="utf-8")
+    assert text.startswith("['") and text.endswith("']") and "x" * 100 not in text
+    assert [p for p in os.listdir(workdir) if p.startswith(f".{RESULT_FILE}")] == []

@@ -78,7 +78,8 @@ def test_step_graph_compiles_once_across_batches(engine):
     engine.generate([{"text": PROMPT, "video": VIDEO}, "Hi", "A longer question about nothing at all?"],
                     max_new_tokens=4)
     assert len(engine.model.step.compile_cache) == 1
-    assert len(engine.model.model.vision.compile_cache) == 1
+    # the vision tower: one static graph of vision_batch_frames frames and one of a single frame
+    assert len(engine.model.model.vision.compile_cache) <= 2
 
 
 def test_cancel_frees_the_slot_and_leaves_the_others_alone(golden):
