@@ -91,14 +91,10 @@ def measure_bandwidth(nbytes: int) -> float:
 def random_model(config_path: str, seed: int):
     """The model with N(0, 0.02) weights, filled in place one parameter at a time (no extra copies:
     peak RSS stays near the weight bytes)."""
-    from mindspore import Tensor
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
+    from cogvlm2.cogvlm2_loading import fill_random_weights
     model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path))
-    rng = np.random.default_rng(seed)
-    for _, param in model.parameters_and_names():
-        values = rng.standard_normal(param.shape, dtype=np.float32)
-        values *= 0.02
-        param.set_data(Tensor.from_numpy(values))
+    fill_random_weights(model, seed)
     return model
 
 

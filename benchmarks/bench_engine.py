@@ -1,0 +1,143 @@
+"""Engine throughput: continuous batching vs the same requests one after another (a script that prints
+figures, not a test).
+
+    python benchmarks/bench_engine.py [--config benchmarks/bench_config.json] [--requests 16]
+                                      [--new-tokens 64] [--batch 8]
+
+Both runs happen in this one process on one model (random weights, the bench config), so the ratio
+is measured under the same machine conditions. The requests mix three videos (the fixture video and
+two clips cut from it at other lengths and sizes) with text-only questions, all submitted at once.
+Printed: aggregate generated tokens/s and requests/min for each run and their ratio, p50/p95 time to
+first token, and the decode step time at batch 8 over batch 1 (median of repeated steps).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=os.path.join(REPO, "benchmarks", "bench_config.json"))
+    parser.add_argument("--video", default=os.path.join(REPO, "tests", "fixtures", "bigbuckbunny.mp4"))
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--step-repeats", type=int, default=20)
+    return parser.parse_args()
+
+
+def make_clips(video: str, folder: str) -> list:
+    """The fixture video plus two clips cut from it (3 s at 480x270, 4 s at 320x240), mp4v."""
+    import cv2
+    capture = cv2.VideoCapture(video)
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    paths = [video]
+    for seconds, size in ((3, (480, 270)), (4, (320, 240))):
+        path = os.path.join(folder, f"clip_{seconds}s_{size[0]}x{size[1]}.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        for frame in frames[: int(seconds * fps)]:
+            writer.write(cv2.resize(frame, size))
+        writer.release()
+        paths.append(path)
+    return paths
+
+
+def requests_mix(videos: list, count: int, new_tokens: int) -> list:
+    questions = ["Describe this video in detail.", "What is the animal doing?", "Where does this take place?",
+                 "Write a short poem about spring.", "What is the capital of France?", "Explain rain."]
+    mix = []
+    for i in range(count):
+        request = {"text": questions[i % len(questions)], "max_new_tokens": new_tokens,
+                   "stop_token_ids": []}                # random weights: always generate new_tokens
+        if i % 2 == 0:
+            request["video"] = videos[(i // 2) % len(videos)]
+        mix.append(request)
+    return mix
+
+
+def run(engine, requests) -> dict:
+    start = time.perf_counter()
+    handles = [engine.submit(**r) for r in requests]
+    outputs = [h.result() for h in handles]
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.new_tokens) for o in outputs)
+    ttft = sorted(o.time_to_first_token for o in outputs)
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "requests_per_min": 60 * len(outputs) / seconds,
+            "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95))}
+
+
+def step_time(model, batch: int, context: int, repeats: int) -> float:
+    """Median seconds of one decode step for ``batch`` rows with ``context`` cached tokens."""
+    from mindspore import Tensor, mutable
+    from cogvlm2.cogvlm2_token_types import causal_bias
+    c = model.config
+    cache = np.zeros((batch, c.num_multi_query_heads, context, c.head_dim), np.float32)
+    past = mutable(tuple(Tensor(cache) for _ in range(2 * c.num_hidden_layers)))
+    ids = np.full((batch, 1), 1000)
+    types = np.zeros((batch, 1), np.int64)
+    positions = np.full((batch, 1), context)
+    bias = causal_bias(np.ones((batch, context + 1), np.int64), context)
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        logits, _ = model.run_step(ids, None, types, positions, bias, past, np.arange(batch))
+        logits.asnumpy()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def main():
+    args = parse_args()
+    os.environ.setdefault("GLOG_v", "3")
+    import mindspore as ms
+    from cogvlm2 import CogVLM2Config, CogVLM2Engine, CogVLM2ForVideo, CogVLM2Processor
+    from cogvlm2.cogvlm2_loading import fill_random_weights
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+    model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(args.config))
+    fill_random_weights(model)
+    processor = CogVLM2Processor().apply_model_config(model.config)
+    with tempfile.TemporaryDirectory() as folder:
+        videos = make_clips(args.video, folder)
+        requests = requests_mix(videos, args.requests, args.new_tokens)
+        results = {}
+        for label, batch in (("sequential (batch 1)", 1), (f"continuous batching (batch {args.batch})", args.batch)):
+            with CogVLM2Engine(model, processor, max_batch_size=batch) as engine:
+                engine.warmup()
+                engine.generate([dict(r, max_new_tokens=2) for r in requests[:2]])   # compile, fill the cache
+                results[label] = run(engine, requests)
+                stats = engine.snapshot()
+                results[label]["occupancy"] = stats.decode_rows / max(stats.decode_steps, 1)
+        step1 = step_time(model, 1, 450, args.step_repeats)
+        step_b = step_time(model, args.batch, 450, args.step_repeats)
+
+    print(f"{args.requests} requests ({args.requests // 2} with video: {len(videos)} videos; the rest text), "
+          f"{args.new_tokens} new tokens each, submitted at once; bench config, random weights")
+    print(f"{'run':38s} {'seconds':>8s} {'tokens/s':>9s} {'req/min':>8s} {'TTFT p50':>9s} {'TTFT p95':>9s} "
+          f"{'batch occupancy':>16s}")
+    for label, r in results.items():
+        print(f"{label:38s} {r['seconds']:8.1f} {r['tokens_per_s']:9.1f} {r['requests_per_min']:8.1f} "
+              f"{r['ttft_p50']:8.2f}s {r['ttft_p95']:8.2f}s {r['occupancy']:16.2f}")
+    sequential, batched = results.values()
+    print(f"throughput ratio (batched / sequential): {batched['tokens_per_s'] / sequential['tokens_per_s']:.2f}x "
+          "(target >= 4x)")
+    print(f"decode step at 450 tokens of context: batch 1 {step1 * 1e3:.1f} ms, batch {args.batch} "
+          f"{step_b * 1e3:.1f} ms, ratio {step_b / step1:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
