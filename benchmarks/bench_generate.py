@@ -107,9 +107,10 @@ def long_history(processor, target: int):
 
 
 def decode_rate(model, inputs, new_tokens: int, pixel_values=None) -> float:
-    out = model.generate(inputs["input_ids"], pixel_values=pixel_values,
-                         token_type_ids=inputs["token_type_ids"], position_ids=inputs["position_ids"],
-                         max_new_tokens=new_tokens, stop_token_ids=[])
+    from cogvlm2 import generate
+    out = generate(model, inputs["input_ids"], pixel_values=pixel_values,
+                   token_type_ids=inputs["token_type_ids"], position_ids=inputs["position_ids"],
+                   max_new_tokens=new_tokens, stop_token_ids=[])
     return out.decode_tokens_per_second
 
 
@@ -167,7 +168,7 @@ def main():
     import mindspore as ms
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     from cogvlm2 import CogVLM2Processor, CogVLM2Tokenizer
-    from cogvlm2.cogvlm2 import causal_bias
+    from cogvlm2.cogvlm2_token_types import causal_bias
 
     python = peer_python() if args.peer else None
     if args.peer and python is None:
