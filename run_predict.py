@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--load_checkpoint", default=None,
                         help="checkpoint directory: a HF download (config.json + model.safetensors.index.json "
                              "+ shards) or the output of tools/convert_weight.py (default: the config's)")
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter directory (peft format: adapter_config.json + "
+                             "adapter_model.safetensors, e.g. run_finetune.py's OUT/adapter), applied unmerged")
     parser.add_argument("--device_target", default=None, choices=["CPU", "Ascend", "GPU"],
                         help="overrides context.device_target")
     parser.add_argument("--device_id", default=None, type=int, help="overrides context.device_id")
@@ -250,7 +253,7 @@ def answer_queries(args, queries, out, progress: Progress, engines: list, stoppe
     with progress.step(f"loading weights from {checkpoint}") as result:
         engine = CogVLM2Engine.from_config(args.config, load_checkpoint=args.load_checkpoint,
                                            device_target=args.device_target, device_id=args.device_id,
-                                           max_batch_size=batch_size)
+                                           max_batch_size=batch_size, adapter=args.adapter)
         result.append(f"{sum(p.size for p in engine.model.get_parameters()) / 1e6:.1f}M parameters")
     engines.append(engine)
 

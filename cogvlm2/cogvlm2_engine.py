@@ -39,6 +39,7 @@ from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2Error, CogVLM2Inpu
 from cogvlm2.cogvlm2_generation import (GenerationOptions, generation_defaults, new_token_budget, pick_next_tokens,
                                         stream_text)
 from cogvlm2.cogvlm2_loading import build_from_pretrained, build_from_yaml
+from cogvlm2.cogvlm2_lora import load_adapter
 from cogvlm2.cogvlm2_token_types import LANGUAGE_TOKEN_TYPE, causal_bias
 from cogvlm2.cogvlm2_video_io import check_media_path
 
@@ -287,18 +288,25 @@ class CogVLM2Engine:
 
     # ----- construction ----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, prep_workers: int = 2, **config_overrides) -> "CogVLM2Engine":
+    def from_pretrained(cls, path: str, prep_workers: int = 2, adapter: Optional[str] = None,
+                        **config_overrides) -> "CogVLM2Engine":
         """An engine on a HF or converted checkpoint directory (sizes and template from its config.json);
-        ``config_overrides`` are CogVLM2Config keys (max_batch_size, vision_cache_mb, ...)."""
+        ``config_overrides`` are CogVLM2Config keys (max_batch_size, vision_cache_mb, ...). ``adapter``:
+        a peft LoRA adapter directory, applied as LoRA layers (not merged)."""
         model, processor = build_from_pretrained(path, **config_overrides)
+        if adapter:
+            load_adapter(model, adapter)
         return cls(model, processor, prep_workers=prep_workers)
 
     @classmethod
     def from_config(cls, yaml_path: str, load_checkpoint: Optional[str] = None, prep_workers: int = 2,
-                    random_weights: bool = False, **overrides) -> "CogVLM2Engine":
-        """An engine from a mindformers YAML; ``overrides`` are model_config keys."""
+                    random_weights: bool = False, adapter: Optional[str] = None, **overrides) -> "CogVLM2Engine":
+        """An engine from a mindformers YAML; ``overrides`` are model_config keys; ``adapter``: a peft
+        LoRA adapter directory, applied as LoRA layers (not merged)."""
         model, processor, _ = build_from_yaml(yaml_path, load_checkpoint, random_weights=random_weights,
                                               **overrides)
+        if adapter:
+            load_adapter(model, adapter)
         return cls(model, processor, prep_workers=prep_workers)
 
     def __enter__(self):

@@ -152,23 +152,29 @@ class _Parallel:
         return out
 
 
-def _prepare_output(output_dir: str, resume: bool, overwrite: bool, rank: int):
-    if os.path.exists(output_dir) and os.listdir(output_dir) and not (resume or overwrite):
+def _check_output(output_dir: str, resume: bool, overwrite: bool):
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (resume or overwrite):
         raise CogVLM2InputError(f"output directory {output_dir} exists and is not empty; pass --resume to continue "
                                 "its run or --overwrite to replace it")
-    if rank == 0:
-        if overwrite and not resume and os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise CogVLM2InputError(f"--output_dir {output_dir} is a file; give a directory")
+
+
+def _prepare_output(output_dir: str, resume: bool, overwrite: bool):
+    if overwrite and not resume and os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
 
 
 def finetune(config_path: str, train_dataset: str, output_dir: str, load_checkpoint: Optional[str] = None,
              init_adapter: Optional[str] = None, resume: bool = False, overwrite: bool = False,
              skip_bad_samples: bool = False, progress: bool = True, output_dtype: Optional[str] = None) -> Dict:
     """Run fine-tuning; returns a summary {steps, losses, output, skipped}."""
-    parallel = _Parallel()
-    _prepare_output(output_dir, resume, overwrite, parallel.rank)
+    _check_output(output_dir, resume, overwrite)
     network, processor, yaml_config = build_from_yaml(config_path, load_checkpoint)
+    parallel = _Parallel()   # after the YAML's context: init() fixes the device id
+    if parallel.rank == 0:
+        _prepare_output(output_dir, resume, overwrite)
     settings = FinetuneSettings(yaml_config)
     ms.set_seed(settings.seed)
     if settings.lora is not None:
