@@ -75,13 +75,14 @@ def _field(loc) -> str:
     """('body', 'messages', 0, 'content', 1, 'type') -> 'messages[0].content[1].type'"""
     text = ""
     for part in loc:
-        if part == "body":
-            continue
+        if part == "body" or isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES):
+            continue                  # pydantic's names of union branches, not fields
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "body"
 
 
 _DONE = object()
+_UNION_BRANCHES = ("str", "list", "int", "float", "bool", "none")
 
 
 class _BodyLimit:
@@ -251,6 +252,9 @@ def create_app(engine, settings: Optional[ServerSettings] = None) -> FastAPI:
             detail = next(e for e in errors if e.get("type") == "json_invalid")
             return error_response(400, f"the body is not valid JSON: {detail.get('ctx', {}).get('error', '')}"
                                   .rstrip(": "), "invalid_request_error")
+        # of a union's alternatives, the deepest error is the one that names the real problem
+        errors = sorted(errors, key=lambda e: -len(e["loc"]))
+        errors = [e for e in errors if len(e["loc"]) == len(errors[0]["loc"])] if errors else errors
         text = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors[:5])
         return error_response(422, text, "invalid_request_error", _field(errors[0]["loc"]) if errors else None)
 
@@ -258,12 +262,14 @@ def create_app(engine, settings: Optional[ServerSettings] = None) -> FastAPI:
     async def http_error(_request, err: StarletteHTTPException):
         return error_response(err.status_code, str(err.detail), "invalid_request_error")
 
-    @app.exception_handler(Exception)
-    async def internal_error(_request, err: Exception):
+    def internal(err: Exception) -> APIError:
         error_id = uuid.uuid4().hex[:12]
         logger.error("internal error %s: %r", error_id, err, exc_info=err)
-        return error_response(500, f"internal server error (id {error_id}; the server log has the details)",
-                              "server_error")
+        return APIError(500, f"internal server error (id {error_id}; the server log has the details)", "server_error")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, err: Exception):
+        return await api_error(_request, internal(err))
 
     app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes, media_bytes=settings.media.max_bytes,
                        on_refuse=lambda: metrics.count(413, "invalid_request_error"))
@@ -313,6 +319,8 @@ def create_app(engine, settings: Optional[ServerSettings] = None) -> FastAPI:
             raise APIError(err.status, str(err), "invalid_request_error", err.param) from None
         except CogVLM2Error as err:
             raise APIError(400, " ".join(str(err).split()), "invalid_request_error", "url") from None
+        except Exception as err:  # pylint: disable=broad-except
+            raise internal(err) from None
         finally:
             if media is not None:
                 media.release()
@@ -351,6 +359,8 @@ def create_app(engine, settings: Optional[ServerSettings] = None) -> FastAPI:
                 raise APIError(err.status, str(err), "invalid_request_error", err.param) from None
             except CogVLM2Error as err:
                 raise APIError(400, " ".join(str(err).split()), "invalid_request_error") from None
+            except Exception as err:  # pylint: disable=broad-except  (a bug: 500, never a dead server)
+                raise internal(err) from None
             if body.stream:
                 keep_slot = True
                 return StreamingResponse(stream(run, body, media), media_type="text/event-stream",
@@ -419,6 +429,8 @@ def create_app(engine, settings: Optional[ServerSettings] = None) -> FastAPI:
             text = task.result()
         except CogVLM2Error as err:
             raise APIError(400, " ".join(str(err).split()), "invalid_request_error") from None
+        except Exception as err:  # pylint: disable=broad-except
+            raise internal(err) from None
         record(run, 200)
         return {"id": run.handle.request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": settings.model_name,
