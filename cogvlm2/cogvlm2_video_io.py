@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from typing import Callable, Tuple
 
 import cv2
@@ -181,12 +182,17 @@ def _describe_decord_failure(path: str, message: str, native_log: str) -> str:
     return f"cannot read video {path!r}: {reason}. {_REENCODE_HINT}"
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 class _NativeStderr:
     """Route file descriptor 2 (where ffmpeg and decord's C++ code log) to a temporary file.
 
     After the ``with`` block ``text`` holds what was written. If fd 2 cannot be redirected the block
     runs unchanged and ``text`` stays empty. fd 2 is process-wide: what other threads write to stderr
-    during the block is captured too (it is logged at debug level when the call succeeds).
+    during the block is captured too (it is logged at debug level when the call succeeds), and blocks
+    on several threads (the engine's preprocessing workers) take turns: two overlapping redirects
+    would leave fd 2 pointing at a deleted temporary file for good.
     """
 
     def __init__(self):
@@ -195,6 +201,7 @@ class _NativeStderr:
         self._file = None
 
     def __enter__(self):
+        _STDERR_LOCK.acquire()        # one redirect at a time: nested ones would restore the wrong fd 2
         try:
             if sys.stderr is not None:
                 sys.stderr.flush()
@@ -208,11 +215,14 @@ class _NativeStderr:
         return self
 
     def __exit__(self, *exc_info):
-        if self._saved_fd is None:
+        try:
+            if self._saved_fd is None:
+                return False
+            os.dup2(self._saved_fd, 2)
+            os.close(self._saved_fd)
+            self._file.seek(0)
+            self.text = self._file.read().decode("utf-8", errors="replace")
+            self._file.close()
             return False
-        os.dup2(self._saved_fd, 2)
-        os.close(self._saved_fd)
-        self._file.seek(0)
-        self.text = self._file.read().decode("utf-8", errors="replace")
-        self._file.close()
-        return False
+        finally:
+            _STDERR_LOCK.release()
