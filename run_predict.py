@@ -11,6 +11,14 @@ as mindformers does, into the result file: ``save_file`` of the config or
 The answers come from ``CogVLM2Engine`` (the same engine the server and the dataset job use):
 --predict_batch_size questions are decoded together (continuous batching).
 
+Dataset mode: when --predict_data is one ``.jsonl`` file (or a folder of videos plus --prompt), every
+line is answered into --output_file, resumably, and under ``msrun`` each rank takes a shard
+(see cogvlm2/cogvlm2_dataset.py and the README's "Captioning a video collection")::
+
+    python run_predict.py --load_checkpoint DIR --predict_data data.jsonl --output_file answers.jsonl
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=msrun_log --join=True \
+        run_predict.py --load_checkpoint DIR --predict_data data.jsonl --output_file answers.jsonl
+
 --predict_data / --modal_type pair up item by item. Each query is an optional video (or image)
 followed by its question, so ``a.mp4 "Q1" b.mp4 "Q2" --modal_type video text video text`` asks two
 questions, answered in batches of --predict_batch_size.
@@ -43,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Example: python run_predict.py --config configs/cogvlm2/predict_cogvlm2_video_tiny.yaml "
                "--predict_data tests/fixtures/bigbuckbunny.mp4 \"Please describe this video.\" "
                "--modal_type video text")
-    parser.add_argument("--config", required=True, help="YAML config (configs/cogvlm2/predict_*.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (configs/cogvlm2/predict_*.yaml); optional with --load_checkpoint DIR "
+                             "(sizes and template then come from the checkpoint's config.json)")
     parser.add_argument("--run_mode", default="predict", help="only 'predict' (the default)")
     parser.add_argument("--predict_data", nargs="+", required=True,
                         help="video/image paths and questions, e.g. video.mp4 \"Describe this video.\"")
@@ -60,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="overrides context.device_target")
     parser.add_argument("--device_id", default=None, type=int, help="overrides context.device_id")
     parser.add_argument("--predict_batch_size", default=None, type=int,
-                        help="questions answered together (default: the config's, else 1)")
+                        help="questions answered together (default: the config's predict_batch_size, else 1; "
+                             "in dataset mode the model config's max_batch_size, 8 unless set)")
     parser.add_argument("--register_path", default=None,
                         help="accepted for run_mindformer.py compatibility: added to sys.path and "
                              "REGISTER_PATH (this script imports the cogvlm2 plugin itself)")
@@ -70,6 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_format", default="text", choices=["text", "jsonl"],
                         help="stdout: answers as plain text (default) or one JSON object per answer "
                              "(unambiguous when answers contain newlines)")
+    dataset = parser.add_argument_group("dataset mode (--predict_data data.jsonl, or a folder with --prompt)")
+    dataset.add_argument("--output_file", default=None,
+                         help="answers, one JSON line per input line, in input order (under msrun each rank "
+                              "writes OUTPUT.rank<R>.jsonl and rank 0 merges them)")
+    dataset.add_argument("--prompt", default=None, help="the question asked about every file of a media folder")
+    dataset.add_argument("--overwrite", action="store_true",
+                         help="start over instead of skipping the ids already in the output")
+    dataset.add_argument("--merge_only", action="store_true",
+                         help="only merge the rank files into --output_file (e.g. after a rank failed)")
     parser.add_argument("--verbose", action="store_true",
                         help="show MindSpore/mindformers logs and the traceback of errors")
     return parser.parse_args(argv)
@@ -213,13 +233,47 @@ def answer_record(index: int, query, output) -> dict:
             "frame_indices": output.frame_indices, "finish_reason": output.finish_reason}
 
 
+def is_dataset(predict_data) -> bool:
+    """One ``.jsonl`` file or one folder: dataset mode."""
+    return len(predict_data) == 1 and (predict_data[0].lower().endswith(".jsonl") or os.path.isdir(predict_data[0]))
+
+
+def check_dataset_args(args):
+    """The dataset flags fit together (checked before anything is imported or loaded)."""
+    if not args.output_file:
+        raise UsageError(f"--predict_data {args.predict_data[0]!r} is a dataset: give --output_file answers.jsonl")
+    for flag, given in (("--modal_type", args.modal_type), ("--stream", args.stream),
+                        ("--output_format", args.output_format != "text")):
+        if given:
+            raise UsageError(f"{flag} is for single questions; a dataset line says what it holds (\"videos\", "
+                             "\"images\") and its answers go to --output_file")
+    if os.path.isdir(args.output_file):
+        raise UsageError(f"--output_file {args.output_file!r} is a directory; give a file name, e.g. answers.jsonl")
+    if args.overwrite and args.merge_only:
+        raise UsageError("--overwrite and --merge_only contradict each other: --merge_only keeps every answer")
+    check_output_file(args.output_file)
+
+
 def run(args, out, progress: Progress) -> int:
     if args.run_mode != "predict":
         raise UsageError(f"--run_mode {args.run_mode!r}: run_predict.py only predicts; use mindformers' "
                          "run_mindformer.py for train/finetune/eval")
     if args.predict_batch_size is not None and args.predict_batch_size < 1:
         raise UsageError(f"--predict_batch_size must be >= 1, got {args.predict_batch_size}")
-    queries = build_queries(args.predict_data, args.modal_type)
+    if not args.config and not args.load_checkpoint:
+        raise UsageError("give --config YAML (e.g. configs/cogvlm2/predict_cogvlm2_video_tiny.yaml) or "
+                         "--load_checkpoint DIR (a checkpoint directory with its config.json)")
+    dataset = is_dataset(args.predict_data)
+    if dataset:
+        check_dataset_args(args)
+        queries = None
+    else:
+        for flag, given in (("--output_file", args.output_file), ("--prompt", args.prompt),
+                            ("--overwrite", args.overwrite), ("--merge_only", args.merge_only)):
+            if given:
+                raise UsageError(f"{flag} is for dataset mode: --predict_data must then be one .jsonl file "
+                                 "(or a folder of media with --prompt)")
+        queries = build_queries(args.predict_data, args.modal_type)
     if args.register_path:
         os.environ["REGISTER_PATH"] = os.path.realpath(args.register_path)
         if args.register_path not in sys.path:
@@ -229,13 +283,46 @@ def run(args, out, progress: Progress) -> int:
     from cogvlm2.cogvlm2_cli import interrupt_on_signals
     engines = []                             # SIGINT/SIGTERM: cancel what the engine is doing, exit 130
     with interrupt_on_signals(on_signal=lambda: [engine.cancel_all() for engine in engines]) as stopped:
+        if dataset:
+            return answer_dataset(args, progress, engines)
         return answer_queries(args, queries, out, progress, engines, stopped)
+
+
+def load_engine(args, yaml_config, batch_size, progress: Progress):
+    """The engine from the YAML (with --load_checkpoint overriding its checkpoint), or from the
+    checkpoint directory alone (its config.json) when no --config is given."""
+    from cogvlm2 import CogVLM2Engine
+    checkpoint = args.load_checkpoint or (yaml_config.load_checkpoint if yaml_config is not None else None)
+    with progress.step(f"loading weights from {checkpoint}") as result:
+        if yaml_config is not None:
+            engine = CogVLM2Engine.from_config(args.config, load_checkpoint=args.load_checkpoint,
+                                               device_target=args.device_target, device_id=args.device_id,
+                                               max_batch_size=batch_size, adapter=args.adapter)
+        else:
+            set_device(args)
+            overrides = {} if batch_size is None else {"max_batch_size": batch_size}
+            engine = CogVLM2Engine.from_pretrained(args.load_checkpoint, adapter=args.adapter, **overrides)
+        result.append(f"{sum(p.size for p in engine.model.get_parameters()) / 1e6:.1f}M parameters")
+    return engine
+
+
+def set_device(args, yaml_config=None):
+    """GRAPH_MODE on --device_target (else the YAML's, else MindSpore's default device); MindSpore
+    takes the device once per process."""
+    import mindspore as ms
+    if getattr(set_device, "done", False):
+        return
+    ms.set_context(mode=ms.GRAPH_MODE)
+    target = args.device_target or (yaml_config.context.device_target if yaml_config is not None else None)
+    if target:
+        ms.set_device(target, args.device_id)
+    set_device.done = True
 
 
 def answer_queries(args, queries, out, progress: Progress, engines: list, stopped) -> int:
     """Load the engine (appended to ``engines`` for the signal handler) and answer; ``stopped`` is set
     by SIGINT/SIGTERM."""
-    from cogvlm2 import CogVLM2Engine, GenerationOptions
+    from cogvlm2 import GenerationOptions
     from cogvlm2.cogvlm2_cli import write_atomically
     from cogvlm2.cogvlm2_loading import read_yaml
     from cogvlm2.cogvlm2_video_io import check_media_path
@@ -245,16 +332,12 @@ def answer_queries(args, queries, out, progress: Progress, engines: list, stoppe
                 check_media_path(next(iter(item.values())))   # exists, not empty, not a text file
     if args.max_new_tokens is not None:
         GenerationOptions.from_kwargs(max_new_tokens=args.max_new_tokens)   # the family's message
-    yaml_config = read_yaml(args.config)
-    save_file = yaml_config.save_file or f"{TASK}_result.txt"
+    yaml_config = read_yaml(args.config) if args.config else None
+    save_file = (yaml_config.save_file if yaml_config is not None else None) or f"{TASK}_result.txt"
     check_output_file(save_file)
-    batch_size = args.predict_batch_size or int(yaml_config.predict_batch_size or 1)
-    checkpoint = args.load_checkpoint or yaml_config.load_checkpoint
-    with progress.step(f"loading weights from {checkpoint}") as result:
-        engine = CogVLM2Engine.from_config(args.config, load_checkpoint=args.load_checkpoint,
-                                           device_target=args.device_target, device_id=args.device_id,
-                                           max_batch_size=batch_size, adapter=args.adapter)
-        result.append(f"{sum(p.size for p in engine.model.get_parameters()) / 1e6:.1f}M parameters")
+    batch_size = args.predict_batch_size or int((yaml_config.predict_batch_size if yaml_config is not None
+                                                 else None) or 1)
+    engine = load_engine(args, yaml_config, batch_size, progress)
     engines.append(engine)
 
     def finished(handle):
@@ -297,6 +380,71 @@ def answer_queries(args, queries, out, progress: Progress, engines: list, stoppe
             raise
     write_atomically(save_file, str([record["answer"] for record in records]), FILE_PERMISSION)
     progress.write(f"result saved to {save_file}\n")
+    return 0
+
+
+def stderr_copy():
+    """A stream on a copy of fd 2: what is written to it is not caught while the video reader
+    captures fd 2 for ffmpeg's messages (in the engine's preprocessing threads)."""
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", encoding="utf-8", errors="replace", buffering=1)
+    except (AttributeError, OSError, ValueError):     # not a real file, e.g. captured by pytest
+        return None
+
+
+def answer_dataset(args, progress: Progress, engines: list) -> int:
+    """Dataset mode: the samples are read and checked, then (under msrun) this rank's shard is
+    answered into its file and rank 0 merges; --merge_only only merges."""
+    stream = stderr_copy()
+    try:
+        return answer_dataset_to(args, Progress(stream) if stream else progress, stream, engines)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def answer_dataset_to(args, progress: Progress, stream, engines: list) -> int:
+    from cogvlm2 import cogvlm2_dataset as ds
+    from cogvlm2.cogvlm2_loading import read_yaml
+    role = ds.msrun_role()
+    yaml_config = read_yaml(args.config) if args.config else None
+    if role == "MS_SCHED":                        # msrun's scheduler process: serve the cluster, no work
+        set_device(args, yaml_config)
+        ds.join_msrun_cluster()
+        return 0
+    options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    samples = ds.read_dataset(args.predict_data[0], args.prompt, **options)
+    if args.max_new_tokens is not None:           # the flag is the default; a line's own value wins
+        for sample in samples:
+            sample.options.setdefault("max_new_tokens", args.max_new_tokens)
+    rank, size = 0, 1
+    if role is not None:
+        set_device(args, yaml_config)
+        rank, size = ds.join_msrun_cluster()
+    if args.merge_only:
+        if rank == 0:
+            written, missing = ds.merge_answers(samples, args.output_file)
+            progress.write(f"{written} of {len(samples)} answers in input order in {args.output_file}" +
+                           (f"; {len(missing)} missing (ids {missing[:5]}{'...' * (len(missing) > 5)}): rerun the "
+                            "same command without --merge_only to answer them\n" if missing else "\n"))
+        return 0
+    progress.write(f"{len(samples)} samples in {args.predict_data[0]}" +
+                   (f"; rank {rank} of {size} takes {len(ds.shard(samples, rank, size))}\n" if size > 1 else "\n"))
+    engine = load_engine(args, yaml_config, args.predict_batch_size, progress)
+    engines.append(engine)                        # a signal cancels its requests (none is written)
+    with engine:
+        try:
+            ds.run_dataset(engine, samples, args.output_file, rank, size, overwrite=args.overwrite,
+                           log=lambda text: progress.write(text + "\n"), stream=stream)
+        except KeyboardInterrupt:
+            engine.close(timeout=0)
+            progress.end_line()
+            progress.write(f"interrupted: the answers written so far are kept; rerun the same command to "
+                           f"resume\n")
+            return 130
+        except BaseException:
+            engine.close(timeout=0)
+            raise
     return 0
 
 

@@ -250,6 +250,7 @@ class EngineStats:
     decode_rows: int = 0          # sum of the batch size over decode steps (occupancy = rows / steps)
     running: int = 0
     waiting: int = 0
+    input_wait_seconds: float = 0.0   # the model thread idle while requests were still being preprocessed
 
 
 class CogVLM2Engine:
@@ -448,7 +449,11 @@ class CogVLM2Engine:
     def _loop(self):
         while True:
             with self._cond:
+                starved = not (self._ready or self._running or self._jobs) and self._preparing > 0
+                waited_from = time.perf_counter()
                 self._cond.wait_for(lambda: self._ready or self._running or self._jobs or self._closing_done())
+                if starved:
+                    self.stats.input_wait_seconds += time.perf_counter() - waited_from
                 if not (self._ready or self._running or self._jobs):
                     return                                   # closing, and nothing is left
                 jobs = list(self._jobs)

@@ -182,47 +182,56 @@ def _describe_decord_failure(path: str, message: str, native_log: str) -> str:
     return f"cannot read video {path!r}: {reason}. {_REENCODE_HINT}"
 
 
-_STDERR_LOCK = threading.Lock()
-
-
 class _NativeStderr:
     """Route file descriptor 2 (where ffmpeg and decord's C++ code log) to a temporary file.
 
     After the ``with`` block ``text`` holds what was written. If fd 2 cannot be redirected the block
     runs unchanged and ``text`` stays empty. fd 2 is process-wide: what other threads write to stderr
-    during the block is captured too (it is logged at debug level when the call succeeds), and blocks
-    on several threads (the engine's preprocessing workers) take turns: two overlapping redirects
-    would leave fd 2 pointing at a deleted temporary file for good.
+    during the block is captured too (it is logged at debug level when the call succeeds). Blocks
+    running at once in several threads (the engine's preprocessing workers) share one redirection:
+    the first saves fd 2, the last restores it, so fd 2 never stays on a temporary file.
     """
+    _lock = threading.Lock()
+    _users = 0
+    _saved_fd = None
+    _file = None
 
     def __init__(self):
         self.text = ""
-        self._saved_fd = None
-        self._file = None
+        self._start = None
 
     def __enter__(self):
-        _STDERR_LOCK.acquire()        # one redirect at a time: nested ones would restore the wrong fd 2
-        try:
-            if sys.stderr is not None:
-                sys.stderr.flush()
-            self._file = tempfile.TemporaryFile()
-            self._saved_fd = os.dup(2)
-        except (OSError, ValueError):
-            if self._file is not None:
-                self._file.close()
-            return self
-        os.dup2(self._file.fileno(), 2)
+        cls = _NativeStderr
+        with cls._lock:
+            if cls._users == 0:
+                try:
+                    if sys.stderr is not None:
+                        sys.stderr.flush()
+                    cls._file = tempfile.TemporaryFile()
+                    cls._saved_fd = os.dup(2)
+                    os.dup2(cls._file.fileno(), 2)
+                except (OSError, ValueError):
+                    if cls._saved_fd is not None:
+                        os.close(cls._saved_fd)
+                    if cls._file is not None:
+                        cls._file.close()
+                    cls._file = cls._saved_fd = None
+                    return self
+            cls._users += 1
+            self._start = os.fstat(cls._file.fileno()).st_size
         return self
 
     def __exit__(self, *exc_info):
-        try:
-            if self._saved_fd is None:
-                return False
-            os.dup2(self._saved_fd, 2)
-            os.close(self._saved_fd)
-            self._file.seek(0)
-            self.text = self._file.read().decode("utf-8", errors="replace")
-            self._file.close()
+        cls = _NativeStderr
+        if self._start is None:
             return False
-        finally:
-            _STDERR_LOCK.release()
+        with cls._lock:
+            end = os.fstat(cls._file.fileno()).st_size
+            self.text = os.pread(cls._file.fileno(), end - self._start, self._start).decode("utf-8", errors="replace")
+            cls._users -= 1
+            if cls._users == 0:
+                os.dup2(cls._saved_fd, 2)
+                os.close(cls._saved_fd)
+                cls._file.close()
+                cls._file = cls._saved_fd = None
+        return False
