@@ -314,7 +314,8 @@ def set_device(args, yaml_config=None):
         return
     ms.set_context(mode=ms.GRAPH_MODE)
     target = args.device_target or (yaml_config.context.device_target if yaml_config is not None else None)
-    if target:
+    wanted_id = args.device_id if args.device_id is not None else ms.get_context("device_id")
+    if target and (target, wanted_id) != (ms.get_context("device_target"), ms.get_context("device_id")):
         ms.set_device(target, args.device_id)
     set_device.done = True
 
@@ -421,6 +422,8 @@ def answer_dataset_to(args, progress: Progress, stream, engines: list) -> int:
     if role is not None:
         set_device(args, yaml_config)
         rank, size = ds.join_msrun_cluster()
+        import mindspore as ms
+        args.device_id = ms.get_context("device_id")   # msrun's (DEVICE_ID), not the YAML's: set once
     if args.merge_only:
         if rank == 0:
             written, missing = ds.merge_answers(samples, args.output_file)
