@@ -185,7 +185,7 @@ def main():
     step_bytes = decode_bytes(model)
 
     def prefill():
-        rows = model._vision_rows(pixels, None)
+        rows = model.vision_rows(pixels, None)
         logits, _ = model.run_step(inputs["input_ids"], rows, inputs["token_type_ids"], inputs["position_ids"],
                                    causal_bias(inputs["attention_mask"], 0), model.empty_cache(1),
                                    np.array([length - 1]))
