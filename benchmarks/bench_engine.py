@@ -8,7 +8,8 @@ Both runs happen in this one process on one model (random weights, the bench con
 is measured under the same machine conditions. The requests mix three videos (the fixture video and
 two clips cut from it at other lengths and sizes) with text-only questions, all submitted at once.
 Printed: aggregate generated tokens/s and requests/min for each run and their ratio, p50/p95 time to
-first token, and the decode step time at batch 8 over batch 1 (median of repeated steps).
+first token, and the decode step time at batch 8 over batch 1 (median of repeated steps), with the
+same steps run without logits (no lm_head rows) beside them, so the step splits into decoder and lm_head.
 """
 import argparse
 import os
@@ -80,24 +81,29 @@ def run(engine, requests) -> dict:
             "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95))}
 
 
-def step_time(model, batch: int, context: int, repeats: int) -> float:
-    """Median seconds of one decode step for ``batch`` rows with ``context`` cached tokens."""
+def step_times(model, batches: tuple, context: int, repeats: int) -> dict:
+    """{(batch, with_logits): median seconds of one decode step} for ``batch`` rows with ``context``
+    cached tokens, with logits for every row or for none (decoder only); all interleaved."""
     from mindspore import Tensor, mutable
     from cogvlm2.cogvlm2_token_types import causal_bias
     c = model.config
-    cache = np.zeros((batch, c.num_multi_query_heads, context, c.head_dim), np.float32)
-    past = mutable(tuple(Tensor(cache) for _ in range(2 * c.num_hidden_layers)))
-    ids = np.full((batch, 1), 1000)
-    types = np.zeros((batch, 1), np.int64)
-    positions = np.full((batch, 1), context)
-    bias = causal_bias(np.ones((batch, context + 1), np.int64), context)
-    times = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
-        logits, _ = model.run_step(ids, None, types, positions, bias, past, np.arange(batch))
-        logits.asnumpy()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    inputs = {}
+    for batch in batches:
+        cache = np.zeros((batch, c.num_multi_query_heads, context, c.head_dim), np.float32)
+        past = mutable(tuple(Tensor(cache) for _ in range(2 * c.num_hidden_layers)))
+        step = (np.full((batch, 1), 1000), None, np.zeros((batch, 1), np.int64), np.full((batch, 1), context),
+                causal_bias(np.ones((batch, context + 1), np.int64), context), past)
+        inputs[(batch, True)] = step + (np.arange(batch),)
+        inputs[(batch, False)] = step + (np.arange(0),)
+    times = {key: [] for key in inputs}
+    for i in range(repeats + 2):
+        for key, step in inputs.items():
+            start = time.perf_counter()
+            logits, _ = model.run_step(*step)
+            logits.asnumpy()
+            if i >= 2:
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def main():
@@ -122,8 +128,7 @@ def main():
                 results[label] = run(engine, requests)
                 stats = engine.snapshot()
                 results[label]["occupancy"] = stats.decode_rows / max(stats.decode_steps, 1)
-        step1 = step_time(model, 1, 450, args.step_repeats)
-        step_b = step_time(model, args.batch, 450, args.step_repeats)
+        steps = step_times(model, (1, args.batch), 450, args.step_repeats)
 
     print(f"{args.requests} requests ({args.requests // 2} with video: {len(videos)} videos; the rest text), "
           f"{args.new_tokens} new tokens each, submitted at once; bench config, random weights")
@@ -135,8 +140,13 @@ def main():
     sequential, batched = results.values()
     print(f"throughput ratio (batched / sequential): {batched['tokens_per_s'] / sequential['tokens_per_s']:.2f}x "
           "(target >= 4x)")
+    step1, step_b = steps[(1, True)], steps[(args.batch, True)]
     print(f"decode step at 450 tokens of context: batch 1 {step1 * 1e3:.1f} ms, batch {args.batch} "
           f"{step_b * 1e3:.1f} ms, ratio {step_b / step1:.2f}x (target <= 1.5x)")
+    dec1, dec_b = steps[(1, False)], steps[(args.batch, False)]
+    print(f"  of which decoder (same steps without logits): batch 1 {dec1 * 1e3:.1f} ms, batch {args.batch} "
+          f"{dec_b * 1e3:.1f} ms, ratio {dec_b / dec1:.2f}x; lm_head: {(step1 - dec1) * 1e3:.1f} ms, "
+          f"{(step_b - dec_b) * 1e3:.1f} ms, ratio {(step_b - dec_b) / (step1 - dec1):.2f}x")
 
 
 if __name__ == "__main__":
