@@ -11,6 +11,8 @@ YAML keys (besides model/processor/context, as in the predict YAMLs):
     optimizer: {type: AdamW, betas: [0.9, 0.999], eps: 1.e-8, weight_decay: 0.01}
     lr_schedule: {type: ConstantWarmUpLR | CosineWithWarmUpLR | LinearWithWarmUpLR,
                   learning_rate, warmup_steps, lr_end}
+    recompute_config: {recompute: true}   # activation recompute: true (every decoder and vision layer),
+                                          # N or [N] (the first N decoder layers + the vision layers), false
     seed: 0
 
 Global batch k holds samples [k*G, (k+1)*G) of the concatenated epoch orders (each epoch a permutation
@@ -81,11 +83,25 @@ class FinetuneSettings:
         self.warmup_steps = int(lr.get("warmup_steps") or 0)
         self.lr_end = float(lr.get("lr_end") or 0.0)
         self.warmup_ratio = float(lr.get("warmup_ratio") or 0.0)
+        self.recompute = _recompute(yaml_config.get("recompute_config"))
 
     def total_steps(self, dataset_size: int) -> int:
         if self.train_steps is not None:
             return int(self.train_steps)
         return int(self.epochs) * math.ceil(dataset_size / self.global_batch_size)
+
+
+def _recompute(section):
+    """recompute_config.recompute -> True / False / number of decoder layers (mindformers writes a
+    per-pipeline-stage list; one stage here)."""
+    value = (section or {}).get("recompute", False)
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value >= 0:
+        return value or False
+    raise CogVLM2ConfigError(f"recompute_config recompute must be true, false or a layer count, got {value!r}")
 
 
 def _positive(section, key, default) -> int:
@@ -187,7 +203,7 @@ def finetune(config_path: str, train_dataset: str, output_dir: str, load_checkpo
         if init_adapter:
             raise CogVLM2ConfigError("--init_adapter needs a pet_config (LoRA) in the YAML")
         params = freeze_for_full(network, settings.freeze_vision)
-    trainable = Trainable(network, params)
+    trainable = Trainable(network, params, recompute=settings.recompute)
     optimizer = AdamW(params, settings.betas, settings.eps, settings.weight_decay)
     dataset = JsonlDataset(train_dataset, processor, skip_bad_samples)
     total = settings.total_steps(len(dataset))
@@ -233,7 +249,7 @@ def finetune(config_path: str, train_dataset: str, output_dir: str, load_checkpo
                 raise NonFiniteLossError(
                     f"the loss is {loss} at step {step}; stopped before applying it. Last good checkpoint: "
                     f"{latest or 'none'}; lower the learning rate or check the data, then --resume")
-            optimizer.apply([Tensor(g) for g in grads], lr)
+            optimizer.apply(grads, lr)
             seconds = time.time() - began
             losses.append(loss)
             if parallel.rank == 0:

@@ -12,6 +12,9 @@
 - ``Trainable``: the network, its trainable parameters and the two graphs, plus ``loss_and_grads`` which
   accumulates a global batch over micro-batches (and ranks) token-weighted, exactly as the official
   per-sample backward of loss_i * n_i / N.
+- ``enable_recompute``: activation recompute (the YAML's ``recompute_config.recompute``): every decoder
+  layer and every vision-tower layer keeps only its output for the backward pass and recomputes its
+  inside (attention scores/probabilities, MLP activations) there; same numbers, less memory.
 """
 import math
 from typing import Dict, List, Optional, Sequence
@@ -24,7 +27,8 @@ from cogvlm2.cogvlm2 import CogVLM2ForVideo
 from cogvlm2.cogvlm2_layers import to_ms_dtype
 from cogvlm2.cogvlm2_lora import LoRALinear, lora_parameters
 
-__all__ = ["CausalLMLoss", "GradStep", "AdamW", "Trainable", "freeze_for_lora", "freeze_for_full"]
+__all__ = ["CausalLMLoss", "GradStep", "AdamW", "Trainable", "freeze_for_lora", "freeze_for_full",
+           "enable_recompute"]
 
 
 class CausalLMLoss(nn.Cell):
@@ -89,61 +93,125 @@ class GradStep(nn.Cell):
             Tensor(shape=[], dtype=ms.float32))
 
 
-class AdamW(nn.Cell):
+class AdamW:
     """torch.optim.AdamW (amsgrad off, single-tensor), step t:
     p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = v*b2 + (1-b2) g^2;
-    p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps). Scalars are computed in Python doubles as torch does.
-    State: ``exp_avg`` / ``exp_avg_sq`` Parameters (named after the weights) and ``step``.
+    p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps). Scalars are computed in Python doubles as
+    torch does, then used in float32; every operation is a float32 numpy ufunc in torch's order.
+
+    The update runs in numpy, one parameter at a time, over chunks of ``CHUNK`` elements on a few
+    threads (numpy releases the GIL): a MindSpore graph over every parameter allocates all its
+    intermediates at once (about ten copies of the trainable weights, 13+ GB for the 320M-parameter
+    bench model), while this needs a few chunks of scratch memory beside the state. The new values go
+    into the parameters through small assign graphs over groups of at most ``GROUP_BYTES`` (a host-side
+    ``set_data`` is not seen by the dynamic-shape training graph on CPU, measured with MindSpore 2.7.2).
+    State: ``exp_avg`` / ``exp_avg_sq`` float32 arrays (named ``exp_avg.<param>`` in checkpoints) and ``step``.
     """
 
+    CHUNK = 1 << 22          # elements per numpy task
+    GROUP_BYTES = 1 << 29    # new values written into the parameters per writer graph
+
     def __init__(self, params: Sequence[Parameter], betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        super().__init__()
-        self.params = ParameterTuple(params)
-        self.exp_avg = self.params.clone(prefix="exp_avg", init="zeros")
-        self.exp_avg_sq = self.params.clone(prefix="exp_avg_sq", init="zeros")
+                 weight_decay: float = 0.01, threads: int = 2):
+        self.params = list(params)
+        self.exp_avg = [np.zeros(p.shape, np.float32) for p in self.params]
+        self.exp_avg_sq = [np.zeros(p.shape, np.float32) for p in self.params]
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
+        self.threads = max(1, threads)
         self.step = 0
+        self.names = [p.name for p in self.params]   # before a training graph prefixes them
+        self._writers = [_ParamWriter(self.params, group) for group in _groups(self.params, self.GROUP_BYTES)]
 
     def apply(self, grads, lr: float):
-        """One update with learning rate ``lr``."""
+        """One update with learning rate ``lr``; ``grads`` numpy arrays or Tensors, in ``params`` order."""
         self.step += 1
         t = self.step
         bias_correction1 = 1 - self.beta1 ** t
         bias_correction2_sqrt = math.sqrt(1 - self.beta2 ** t)
-        f32 = ms.float32
-        self._update(mutable(tuple(grads)), Tensor(1 - lr * self.weight_decay, f32), Tensor(1 - self.beta1, f32),
-                     Tensor(self.beta2, f32), Tensor(1 - self.beta2, f32), Tensor(-lr / bias_correction1, f32),
-                     Tensor(bias_correction2_sqrt, f32), Tensor(self.eps, f32))
-
-    @ms.jit
-    def _update(self, grads, decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps):
-        for i in range(len(self.params)):
-            param, m, v = self.params[i], self.exp_avg[i], self.exp_avg_sq[i]
-            grad = grads[i].astype(param.dtype)
-            p_new = param * decay
-            m_new = m + one_minus_beta1 * (grad - m)
-            v_new = v * beta2 + one_minus_beta2 * (grad * grad)
-            denom = ops.sqrt(v_new) / bc2_sqrt + eps
-            ops.assign(m, m_new)
-            ops.assign(v, v_new)
-            ops.assign(param, p_new + neg_step_size * (m_new / denom))
-        return True
+        f32 = np.float32
+        scalars = (f32(1 - lr * self.weight_decay), f32(1 - self.beta1), f32(self.beta2), f32(1 - self.beta2),
+                   f32(-lr / bias_correction1), f32(bias_correction2_sqrt), f32(self.eps))
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.threads) as pool:
+            for writer in self._writers:
+                new_values = []
+                for i in writer.indices:
+                    param, m, v, grad = self.params[i], self.exp_avg[i], self.exp_avg_sq[i], grads[i]
+                    grad = grad.asnumpy() if isinstance(grad, Tensor) else grad
+                    grad = np.ascontiguousarray(grad, np.float32).reshape(-1)
+                    value = param.asnumpy().astype(np.float32).reshape(-1)      # a fresh array (astype copies)
+                    flat_m, flat_v = m.reshape(-1), v.reshape(-1)
+                    spans = [slice(k, k + self.CHUNK) for k in range(0, value.size, self.CHUNK)]
+                    list(pool.map(lambda s: _adamw_chunk(value[s], flat_m[s], flat_v[s], grad[s], *scalars), spans))
+                    new_values.append(Tensor.from_numpy(value.reshape(param.shape)).astype(param.dtype))
+                writer(mutable(tuple(new_values)))
 
     def state_arrays(self) -> Dict[str, np.ndarray]:
         """{exp_avg.<name> / exp_avg_sq.<name>: array} for a checkpoint."""
-        return {p.name: p.asnumpy() for p in tuple(self.exp_avg) + tuple(self.exp_avg_sq)}
+        out = {}
+        for name, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
+            out[f"exp_avg.{name}"], out[f"exp_avg_sq.{name}"] = m, v
+        return out
 
     def load_state_arrays(self, arrays: Dict[str, np.ndarray], step: int):
-        for p in tuple(self.exp_avg) + tuple(self.exp_avg_sq):
-            if p.name not in arrays:
-                from cogvlm2.cogvlm2_errors import CheckpointError
-                raise CheckpointError(f"optimizer state lacks {p.name}: the checkpoint was written for other "
-                                      "trainable parameters (pet_config / freeze_vision)")
-            p.set_data(Tensor(arrays[p.name], p.dtype))
+        for i, (param, base) in enumerate(zip(self.params, self.names)):
+            for prefix, state in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                name = f"{prefix}.{base}"
+                if name not in arrays or tuple(arrays[name].shape) != tuple(param.shape):
+                    from cogvlm2.cogvlm2_errors import CheckpointError
+                    raise CheckpointError(f"optimizer state lacks {name} (or has another shape): the checkpoint was "
+                                          "written for other trainable parameters (pet_config / freeze_vision)")
+                state[i] = np.array(arrays[name], np.float32)
         self.step = step
+
+
+class _ParamWriter(nn.Cell):
+    """Assigns new values to a group of parameters inside a graph."""
+
+    def __init__(self, params: Sequence[Parameter], indices: List[int]):
+        super().__init__()
+        self.indices = indices
+        self.targets = ParameterTuple([params[i] for i in indices])
+
+    @ms.jit
+    def construct(self, values):
+        for i in range(len(self.targets)):
+            ops.assign(self.targets[i], values[i])
+        return True
+
+
+def _groups(params: Sequence[Parameter], limit: int) -> List[List[int]]:
+    """Consecutive parameter indices in groups of at most ``limit`` bytes (a larger parameter alone)."""
+    groups, size = [[]], 0
+    for i, p in enumerate(params):
+        nbytes = p.size * 4
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += nbytes
+    return [g for g in groups if g]
+
+
+def _adamw_chunk(p, m, v, g, decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps):
+    """In place on float32 views, torch's operation order: p = p*decay; m = m + (1-b1)*(g-m);
+    v = v*b2 + (1-b2)*(g*g); p = p + neg_step * (m / (sqrt(v)/bc2 + eps))."""
+    p *= decay
+    d = g - m
+    d *= one_minus_beta1
+    m += d
+    v *= beta2
+    np.multiply(g, g, out=d)
+    d *= one_minus_beta2
+    v += d
+    np.sqrt(v, out=d)
+    d /= bc2_sqrt
+    d += eps
+    np.divide(m, d, out=d)
+    d *= neg_step_size
+    p += d
 
 
 def freeze_for_lora(network) -> List[Parameter]:
@@ -164,15 +232,34 @@ def freeze_for_full(network, freeze_vision: bool) -> List[Parameter]:
     return trainable
 
 
+def enable_recompute(network: CogVLM2ForVideo, layers: Optional[int] = None) -> int:
+    """Mark the first ``layers`` decoder layers (all if None) and every vision-tower layer for
+    activation recompute (``Cell.recompute``: a layer's output is kept, its inside is recomputed in the
+    backward pass). Only training graphs are affected: a forward-only graph keeps nothing anyway.
+    Returns the number of cells marked; marking a cell twice is a no-op (MindSpore allows it once)."""
+    decoder = list(network.model.layers)
+    cells = decoder[:len(decoder) if layers is None else layers] + list(network.model.vision.transformer.layers)
+    marked = 0
+    for cell in cells:
+        if not getattr(cell, "_cogvlm2_recompute", False):
+            cell.recompute()
+            object.__setattr__(cell, "_cogvlm2_recompute", True)
+        marked += 1
+    return marked
+
+
 class Trainable:
     """A network with its trainable parameters and its training graphs.
 
     ``loss_and_grads(batches, total_labels)``: for micro-batches (``collate`` outputs) of one global
     batch, the summed loss contribution, the per-sample CE sums and the accumulated gradients of
-    sum(ce) / total_labels (numpy, in ``self.params`` order).
+    sum(ce) / total_labels (numpy, in ``self.params`` order). ``recompute``: True (every layer), an
+    int (the first N decoder layers, as mindformers' per-stage count) or False.
     """
 
-    def __init__(self, network: CogVLM2ForVideo, params: Sequence[Parameter]):
+    def __init__(self, network: CogVLM2ForVideo, params: Sequence[Parameter], recompute=False):
+        if recompute is True or (not isinstance(recompute, bool) and recompute):
+            enable_recompute(network, None if recompute is True else int(recompute))
         self.network = network
         self.config = network.config
         self.params = list(params)
@@ -221,8 +308,11 @@ class Trainable:
             loss_sum += float(ce.astype(np.float64).sum())
             sample_ce += [float(ce[batch["label_sample"] == i].astype(np.float64).sum())
                           for i in range(len(batch["n_label"]))]
-            arrays = [g.asnumpy() for g in step_grads]
-            grads = arrays if grads is None else [a + g for a, g in zip(grads, arrays)]
+            if grads is None:
+                grads = [g.asnumpy().copy() for g in step_grads]
+            else:
+                for total, g in zip(grads, step_grads):
+                    total += g.asnumpy()                              # in place: one copy of the gradients
         if reduce_grads is not None:
             grads = reduce_grads(grads)
         return loss_sum / total_labels, sample_ce, grads
