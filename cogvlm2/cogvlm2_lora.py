@@ -14,6 +14,7 @@
 - ``merge_lora(network)``: W += scaling * A B in place, then back to plain ``Linear`` cells.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from cogvlm2.cogvlm2_errors import CheckpointError, CogVLM2ConfigError
 from cogvlm2.cogvlm2_layers import Linear
 
-__all__ = ["LoraConfig", "LoRALinear", "apply_lora", "lora_parameters", "save_adapter", "load_adapter",
+__all__ = ["LoraConfig", "LoRALinear", "apply_lora", "kaiming_uniform_a", "lora_parameters", "save_adapter", "load_adapter",
            "read_adapter_config", "merge_lora", "PEFT_PREFIX", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 PEFT_PREFIX = "base_model.model."
@@ -124,8 +125,9 @@ def _linear_cells(network):
 
 def apply_lora(network, config: LoraConfig) -> List[str]:
     """Wrap every matched Linear of ``network`` (a CogVLM2ForVideo) in a LoRALinear; return their paths.
-    lora_A is drawn from N(0, 0.02^2) (seeded by mindspore.set_seed), lora_B is zero (peft's start:
-    the adapted model equals the base model until trained)."""
+    Initialised as peft's default (``init_lora_weights=True``): lora_A kaiming-uniform with a = sqrt(5),
+    i.e. U(-1/sqrt(in), 1/sqrt(in)) (seeded by mindspore.set_seed; numpy's generator, not torch's),
+    lora_B zero, so the adapted model equals the base model until trained."""
     matched = [(path, cell) for path, cell in _linear_cells(network)
                if isinstance(cell, Linear) and path != "lm_head" and config.matches(path)]
     if not matched:
@@ -137,10 +139,18 @@ def apply_lora(network, config: LoraConfig) -> List[str]:
     for path, base in matched:
         parent_path, _, attr = path.rpartition(".")
         lora = LoRALinear(base, config.rank, config.alpha, config.dropout)
-        lora.lora_A.set_data(Tensor(rng.normal(0, 0.02, lora.lora_A.shape).astype(np.float32), lora.lora_A.dtype))
+        lora.lora_A.set_data(Tensor(kaiming_uniform_a(rng, lora.lora_A.shape), lora.lora_A.dtype))
         setattr(cells[parent_path], attr, lora)
     _rename_parameters(network)
     return [path for path, _ in matched]
+
+
+def kaiming_uniform_a(rng, shape, a: float = math.sqrt(5)) -> np.ndarray:
+    """torch.nn.init.kaiming_uniform_(w, a) for a LoRA A stored (in, r): fan_in = in = shape[0];
+    bound = sqrt(2 / (1 + a^2)) * sqrt(3 / fan_in) (= 1/sqrt(fan_in) for a = sqrt(5))."""
+    fan_in = shape[0]
+    bound = math.sqrt(2.0 / (1 + a * a)) * math.sqrt(3.0 / fan_in)
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
 def _rename_parameters(network):

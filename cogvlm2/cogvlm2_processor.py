@@ -202,9 +202,11 @@ class CogVLM2Processor(BaseProcessor):
         return transform_frames(frames, self.image_size, self.image_mean, self.image_std)
 
     def build_inputs(self, text: str, num_frames: Optional[int] = None,
-                     history: Optional[Sequence[Tuple[str, str]]] = None) -> Dict[str, np.ndarray]:
+                     history: Optional[Sequence[Tuple[str, str]]] = None,
+                     check_length: bool = True) -> Dict[str, np.ndarray]:
         """Token ids / types / mask / positions, each (1, L) int64, for a prompt and ``num_frames``
-        frames (``None`` or 0: no video). Needs no video decoding, so a chat can rebuild its ids."""
+        frames (``None`` or 0: no video). Needs no video decoding, so a chat can rebuild its ids.
+        ``check_length=False``: the caller checks the length (a training sample adds its response)."""
         history = self._checked_history(history)
         if not isinstance(text, str):
             raise CogVLM2InputError(f"text must be a str, got {type(text).__name__}")
@@ -212,7 +214,8 @@ class CogVLM2Processor(BaseProcessor):
         text_ids = self.tokenizer.encode(build_prompt(self.template_version, text, history))
         input_ids = [self.tokenizer.bos_token_id] + video_ids + text_ids
         token_types = [LANGUAGE_TOKEN_TYPE] + video_types + [LANGUAGE_TOKEN_TYPE] * len(text_ids)
-        self._check_length(len(input_ids), len(video_ids), num_frames or 0)
+        if check_length:
+            self._check_length(len(input_ids), len(video_ids), num_frames or 0)
         token_types = np.asarray(token_types, dtype=np.int64)
         return {
             "input_ids": np.asarray(input_ids, dtype=np.int64)[None],

@@ -37,7 +37,8 @@ def build_training_sample(processor, query: str, response: str, history=None, vi
     frames = None
     if media is not None:
         frames = processor.load_video(media)[0] if not isinstance(media, np.ndarray) else media
-    prompt = processor.build_inputs(query, None if frames is None else len(frames), history)
+    # the whole sample (prompt + response) is checked against the context below
+    prompt = processor.build_inputs(query, None if frames is None else len(frames), history, check_length=False)
     answer = processor.tokenizer.encode(response) + [processor.tokenizer.eos_token_id]
     prompt_ids = prompt["input_ids"][0]
     length = len(prompt_ids) + len(answer)
