@@ -108,6 +108,50 @@ def test_full_gradients_norms_and_three_steps(samples, tg):
     assert abs(after - tg["full_loss_after_last_step"]) <= 1e-4
 
 
+def test_recompute_keeps_loss_and_gradients(samples, tg):
+    """Activation recompute on every decoder and vision layer (the vision tower trains, so it runs in
+    the graph): the loss and every gradient equal the golden ones as without recompute, and equal a
+    network without recompute to float32 rounding (measured: identical)."""
+    plain, recomputed = CogVLM2ForVideo.from_pretrained(TINY), CogVLM2ForVideo.from_pretrained(TINY)
+    results = []
+    for net, recompute in ((plain, False), (recomputed, True)):
+        trainable = Trainable(net, freeze_for_full(net, freeze_vision=False), recompute=recompute)
+        results.append(trainable.loss_and_grads([collate(samples, PAD)], 44) + (trainable.names,))
+    marked = [path for path, cell in recomputed.cells_and_names() if getattr(cell, "_cogvlm2_recompute", False)]
+    assert len(marked) == 4 and not any(getattr(c, "_cogvlm2_recompute", False) for _, c in plain.cells_and_names())
+    (loss, _, grads, names), (loss_rc, _, grads_rc, _) = results
+    assert abs(loss_rc - tg["base_loss/batch"]) <= 1e-5 and abs(loss_rc - loss) <= 1e-6
+    layout = checkpoint_layout(recomputed)
+    named = dict(zip(names, grads_rc))
+    for key in (k for k in tg if k.startswith("full_grad/")):
+        name = key.split("/", 1)[1]
+        ours = named[name].T if layout[name][1] else named[name]
+        assert _rel(ours, tg[key]) <= 1e-4, name
+    assert max(_rel(a, b) for a, b in zip(grads_rc, grads) if np.abs(b).max() > 0) <= 1e-6
+
+
+def test_fresh_lora_starts_as_peft(samples):
+    """Without --init_adapter: A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0 (peft's default),
+    so the adapted model's loss is the base model's."""
+    net = CogVLM2ForVideo.from_pretrained(TINY)
+    ms.set_seed(0)
+    apply_lora(net, GOLDEN_LORA)
+    params = lora_parameters(net)
+    for name, p in params.items():
+        value = p.asnumpy()
+        if name.endswith("lora_B"):
+            assert not value.any(), name
+        else:
+            bound = 1 / np.sqrt(value.shape[0])           # A stored (in, r)
+            assert np.abs(value).max() <= bound and np.abs(value).max() > 0.9 * bound, name
+            assert abs(value.std() - bound / np.sqrt(3)) <= 0.25 * bound / np.sqrt(3), name
+    base = CogVLM2ForVideo.from_pretrained(TINY)
+    batch = [collate(samples[1:2], PAD)]
+    loss, _, _ = Trainable(net, freeze_for_lora(net)).loss_and_grads(batch, 17)
+    base_loss, _, _ = Trainable(base, [base.lm_head.weight]).loss_and_grads(batch, 17)
+    assert abs(loss - base_loss) <= 1e-6
+
+
 def test_lora_gradients_five_steps_save_merge(samples, tg, tmp_path):
     net = CogVLM2ForVideo.from_pretrained(TINY)
     config = load_adapter(net, ADAPTER_INIT, expected=GOLDEN_LORA)

@@ -1,7 +1,13 @@
-"""run_finetune.py as a user runs it (subprocesses): the tiny LoRA YAML from adapter_init/ gives the
-golden losses, --resume after a kill equals an uninterrupted run, msrun with 2 CPU workers equals one
-process, and each bad input is one clear line with nothing half-written."""
+"""run_finetune.py as a user runs it: the tiny LoRA YAML from adapter_init/ gives the golden losses,
+--resume after a kill equals an uninterrupted run, msrun with 2 CPU workers equals one process, full
+fine-tuning writes a checkpoint that from_pretrained and the engine load, and each bad input is one
+clear line with nothing half-written.
+
+Only what needs a process of its own (the SIGKILL, msrun) starts one; the other runs call
+``run_finetune.main(argv)`` in this process (the same code path after argument parsing: one error
+line on stderr, exit code 2), which saves an interpreter start and a MindSpore import per run."""
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 TRAIN = os.path.join(FIXTURES, "train_tiny_chat")
 LORA_YAML = os.path.join(ROOT, "configs", "cogvlm2", "finetune_cogvlm2_video_tiny_lora.yaml")
+FULL_YAML = os.path.join(ROOT, "configs", "cogvlm2", "finetune_cogvlm2_video_tiny_full.yaml")
 TINY = os.path.join(FIXTURES, "tiny_chat")
-ENV = dict(os.environ, PYTHONPATH=ROOT, GLOG_v="3")
+ENV = dict(os.environ, PYTHONPATH=ROOT, GLOG_v="3")   # LOCAL_DEFAULT_PATH: set per test (quiet_mindformers)
 SAMPLES = [
     {"query": "Please describe this video.",
      "response": "A big rabbit walks out of his burrow and stretches in the morning sun.", "videos": ["clip.mp4"]},
@@ -45,9 +52,40 @@ def command(data, out, *extra):
             "--no_progress", *extra]
 
 
-def run(args, timeout=300):
-    return subprocess.run(args, env=ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def child_env(log_dir=None):
+    """ENV with mindformers' log folder out of the repository (the test's, or ``log_dir``)."""
+    return dict(ENV, LOCAL_DEFAULT_PATH=log_dir or os.environ["LOCAL_DEFAULT_PATH"])
+
+
+def run(args, timeout=300, log_dir=None):
+    return subprocess.run(args, env=child_env(log_dir), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture(autouse=True)
+def quiet_mindformers(tmp_path, monkeypatch):
+    """mindformers' logger writes to ./output/log (LOCAL_DEFAULT_PATH) and to the stdout stream it found
+    when it was created; under pytest that is an earlier test's closed capture stream, and logging
+    would print a '--- Logging error ---' traceback to stderr. In a user's process neither happens."""
+    monkeypatch.setenv("LOCAL_DEFAULT_PATH", str(tmp_path / "mindformers_output"))
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+
+
+def run_main(args, capsys):
+    """``run_finetune.main`` in this process on ``command(...)``'s arguments (after the script path)."""
+    sys.path.insert(0, ROOT)
+    try:
+        import run_finetune
+    finally:
+        sys.path.remove(ROOT)
+    capsys.readouterr()
+    code = run_finetune.main(args[2:])
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
 
 
 def log_losses(out):
@@ -70,7 +108,7 @@ def uninterrupted(tmp_path_factory, golden_losses):
     folder = str(tmp_path_factory.mktemp("ft"))
     data = write_dataset(folder)
     out = os.path.join(folder, "out")
-    result = run(command(data, out))
+    result = run(command(data, out), log_dir=os.path.join(folder, "log"))   # one run as a user types it
     assert result.returncode == 0, result.stderr[-3000:]
     return data, out
 
@@ -84,10 +122,10 @@ def test_cli_losses_equal_golden(uninterrupted, golden_losses):
     assert sorted(os.listdir(os.path.join(out, "adapter"))) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
-def test_resume_after_kill_equals_uninterrupted(uninterrupted, tmp_path):
+def test_resume_after_kill_equals_uninterrupted(uninterrupted, tmp_path, capsys):
     data, reference = uninterrupted
     out = str(tmp_path / "out")
-    process = subprocess.Popen(command(data, out), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command(data, out), env=child_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     checkpoint = os.path.join(out, "checkpoints", "step_3")
@@ -96,9 +134,9 @@ def test_resume_after_kill_equals_uninterrupted(uninterrupted, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert os.path.isdir(checkpoint)
-    again = run(command(data, out))                        # without --resume: refused
+    again = run_main(command(data, out), capsys)           # without --resume: refused
     assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = run(command(data, out, "--resume"))
+    resumed = run_main(command(data, out, "--resume"), capsys)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [line["step"] for line in log_losses(out)] == [1, 2, 3, 4, 5]
     ours, theirs = adapter_arrays(out), adapter_arrays(reference)
@@ -135,29 +173,72 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("records, message", BAD)
-def test_bad_dataset_is_one_line(tmp_path, records, message):
-    data = write_dataset(str(tmp_path), records, video=False)
-    out = str(tmp_path / "out")
-    result = run(command(data, out))
-    assert result.returncode == 2
-    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    assert not os.path.exists(os.path.join(out, "adapter"))
+def test_bad_datasets_are_one_line(tmp_path, capsys):
+    for i, (records, message) in enumerate(BAD):
+        folder = str(tmp_path / str(i))
+        data = write_dataset(folder, records, video=False)
+        out = os.path.join(folder, "out")
+        result = run_main(command(data, out), capsys)
+        assert result.returncode == 2, (message, result.stderr)
+        assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert not os.path.exists(os.path.join(out, "adapter"))
 
 
-def test_corrupt_video_names_the_line_or_is_skipped(tmp_path):
+def test_corrupt_video_names_the_line_or_is_skipped(tmp_path, capsys):
     folder = str(tmp_path)
     data = write_dataset(folder, [SAMPLES[1], {"query": "q", "response": "a", "videos": ["bad.mp4"]}], video=False)
     with open(os.path.join(folder, "bad.mp4"), "wb") as f:
         f.write(b"not a video")
-    result = run(command(data, str(tmp_path / "out")))
+    result = run_main(command(data, str(tmp_path / "out")), capsys)
     assert result.returncode == 2 and "data.jsonl:2" in result.stderr, result.stderr
-    skipped = run(command(data, str(tmp_path / "out2"), "--skip_bad_samples"))
+    assert result.stderr.count("\n") == 1
+    skipped = run_main(command(data, str(tmp_path / "out2"), "--skip_bad_samples"), capsys)
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "skipped 1 bad samples (lines [2])" in skipped.stdout
 
 
-def test_adapter_rank_differs_from_yaml(tmp_path):
+def test_sample_longer_than_context_names_line_and_length_or_is_skipped(tmp_path, capsys):
+    """The tiny YAML's context is 2048 tokens; line 2 needs 2048 + 32 prompt tokens more."""
+    long_query = " ".join(["rabbit"] * 2100)
+    data = write_dataset(str(tmp_path), [SAMPLES[1], {"query": long_query, "response": "a"}], video=False)
+    result = run_main(command(data, str(tmp_path / "out")), capsys)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    line = result.stderr
+    assert "data.jsonl:2:" in line and "more than the context of 2048" in line and "--skip_bad_samples" in line
+    needed = int(line.split("the sample needs ")[1].split(" tokens")[0])
+    assert needed > 2100, line
+    assert not os.path.exists(str(tmp_path / "out" / "adapter"))
+    skipped = run_main(command(data, str(tmp_path / "out2"), "--skip_bad_samples"), capsys)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert "skipped 1 bad samples (lines [2])" in skipped.stdout
+    # global batches of 3 over the 2 lines: [1, 2, 1], [2, 1, 2], ... without line 2
+    assert [line["samples"] for line in log_losses(str(tmp_path / "out2"))] == [2, 1, 2, 1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    """lr 1e30: step 1 is finite and applied (AdamW moves every LoRA weight by ~1e30), so the loss of
+    step 2 overflows. The run stops before applying step 2, names it and the step-1 checkpoint, and
+    writes no adapter; --resume would start from step 1."""
+    with open(LORA_YAML, encoding="utf-8") as f:
+        text = f.read()
+    assert "learning_rate: 1.e-3" in text
+    config = tmp_path / "lr_huge.yaml"
+    config.write_text(text.replace("learning_rate: 1.e-3", "learning_rate: 1.e+30"), encoding="utf-8")
+    data = write_dataset(str(tmp_path), SAMPLES[1:2], video=False)
+    out = str(tmp_path / "out")
+    args = command(data, out)
+    args[args.index("--config") + 1] = str(config)
+    result = run_main(args, capsys)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "at step 2" in result.stderr and "stopped before applying it" in result.stderr, result.stderr
+    assert os.path.join(out, "checkpoints", "step_1") in result.stderr, result.stderr
+    assert [line["step"] for line in log_losses(out)] == [1]
+    assert np.isfinite(log_losses(out)[0]["loss"])
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_1"]
+    assert not os.path.exists(os.path.join(out, "adapter"))
+
+
+def test_adapter_rank_differs_from_yaml(tmp_path, capsys):
     adapter = tmp_path / "adapter"
     shutil.copytree(os.path.join(TRAIN, "adapter"), adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -166,5 +247,43 @@ def test_adapter_rank_differs_from_yaml(tmp_path):
     data = write_dataset(str(tmp_path), [SAMPLES[1]], video=False)
     args = command(data, str(tmp_path / "out"))
     args[args.index("--init_adapter") + 1] = str(adapter)
-    result = run(args)
+    result = run_main(args, capsys)
     assert result.returncode == 2 and "rank 8 vs 4" in result.stderr, result.stderr
+
+
+def test_full_finetuning_checkpoint_loads_in_from_pretrained_and_engine(tmp_path, capsys):
+    """The tiny full-FT YAML (golden hyperparameters, vision tower trained): the 3 logged losses equal
+    the official code's; the saved checkpoint, reloaded by CogVLM2ForVideo.from_pretrained, gives the
+    golden loss after step 3, and the engine loaded from it answers as generate() on that model."""
+    golden = np.load(os.path.join(TRAIN, "train_golden.npz"))
+    data = write_dataset(str(tmp_path))
+    out = str(tmp_path / "out")
+    args = [a for a in command(data, out) if a != os.path.join(TRAIN, "adapter_init")]
+    args.remove("--init_adapter")
+    args[args.index("--config") + 1] = FULL_YAML
+    result = run_main(args, capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = log_losses(out)
+    assert np.abs(np.asarray([line["loss"] for line in lines]) - golden["full_losses"]).max() <= 1e-4
+    checkpoint = os.path.join(out, "checkpoint")
+    assert os.path.isfile(os.path.join(checkpoint, "config.json"))
+    from cogvlm2.cogvlm2 import CogVLM2ForVideo
+    from cogvlm2.cogvlm2_engine import CogVLM2Engine
+    from cogvlm2.cogvlm2_generation import generate
+    from cogvlm2.cogvlm2_processor import CogVLM2Processor
+    from cogvlm2.cogvlm2_train import Trainable
+    from cogvlm2.cogvlm2_train_data import build_training_sample, collate
+    model = CogVLM2ForVideo.from_pretrained(checkpoint)
+    processor = CogVLM2Processor()
+    video = os.path.join(FIXTURES, "bigbuckbunny.mp4")
+    samples = [build_training_sample(processor, s["query"], s["response"],
+                                     [tuple(t) for t in s.get("history", [])],
+                                     video=video if s.get("videos") else None) for s in SAMPLES]
+    loss, _, _ = Trainable(model, [model.lm_head.weight]).loss_and_grads([collate(samples, 128002)], 44)
+    assert abs(loss - float(golden["full_loss_after_last_step"])) <= 1e-4
+    inputs = processor.build_inputs("Please describe this video.", None, None)
+    expected = generate(model, input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"],
+                        position_ids=inputs["position_ids"], max_new_tokens=8).new_tokens[0].tolist()
+    with CogVLM2Engine.from_pretrained(checkpoint) as engine:
+        answer = engine.submit("Please describe this video.", max_new_tokens=8).result(120)
+    assert answer.new_tokens == expected, (answer.new_tokens, expected)
