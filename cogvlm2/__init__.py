@@ -2,7 +2,8 @@
 
 Importing this package registers the config, model, tokenizer and processor with mindformers'
 ``MindFormerRegister`` so a YAML ``type:`` can name them, and makes mindformers' predict flow
-(``run_mindformer.py --run_mode predict``, task ``multi_modal_to_text_generation``) work with them.
+(``run_mindformer.py --run_mode predict``, task ``multi_modal_to_text_generation``) work with them,
+and its fine-tuning flow (``--run_mode finetune``, ``trainer.type: CogVLM2FinetuneTrainer``).
 
 Layers, each importing only the ones below it: parts (config, vision tower, decoder, processor,
 tokenizer, token types, errors) -> network (``CogVLM2ForVideo``) -> generation -> engine
@@ -17,6 +18,7 @@ from cogvlm2.cogvlm2_processor import CogVLM2Processor
 from cogvlm2.cogvlm2_generation import GenerationOptions, generate
 from cogvlm2 import cogvlm2_mindformers  # noqa: F401  (registers the predict task and its pipeline)
 from cogvlm2.cogvlm2_engine import CogVLM2Engine
+from cogvlm2 import cogvlm2_mindformers_train  # noqa: F401  (registers the fine-tuning trainer)
 
 __all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ForVideo", "CogVLM2Tokenizer", "StreamDecoder",
            "CogVLM2Processor", "GenerationOptions", "generate", "CogVLM2Engine", "CogVLM2Error",

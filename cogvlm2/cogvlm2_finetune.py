@@ -94,7 +94,12 @@ class FinetuneSettings:
 def _recompute(section):
     """recompute_config.recompute -> True / False / number of decoder layers (mindformers writes a
     per-pipeline-stage list; one stage here)."""
-    value = (section or {}).get("recompute", False)
+    if section is None:
+        value = False
+    elif isinstance(section, dict):
+        value = section.get("recompute", False)
+    else:   # mindformers' Trainer has turned the section into a TransformerRecomputeConfig
+        value = getattr(section, "recompute", False)
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
     if isinstance(value, bool):
@@ -184,10 +189,12 @@ def _prepare_output(output_dir: str, resume: bool, overwrite: bool):
 
 def finetune(config_path: str, train_dataset: str, output_dir: str, load_checkpoint: Optional[str] = None,
              init_adapter: Optional[str] = None, resume: bool = False, overwrite: bool = False,
-             skip_bad_samples: bool = False, progress: bool = True, output_dtype: Optional[str] = None) -> Dict:
-    """Run fine-tuning; returns a summary {steps, losses, output, skipped}."""
+             skip_bad_samples: bool = False, progress: bool = True, output_dtype: Optional[str] = None,
+             set_context: bool = True) -> Dict:
+    """Run fine-tuning; returns a summary {steps, losses, output, skipped}. ``config_path``: a YAML path
+    or a ``MindFormerConfig`` (mindformers' Trainer flow, which has built the context: set_context False)."""
     _check_output(output_dir, resume, overwrite)
-    network, processor, yaml_config = build_from_yaml(config_path, load_checkpoint)
+    network, processor, yaml_config = build_from_yaml(config_path, load_checkpoint, set_context=set_context)
     parallel = _Parallel()   # after the YAML's context: init() fixes the device id
     if parallel.rank == 0:
         _prepare_output(output_dir, resume, overwrite)

@@ -113,11 +113,17 @@ def apply_context(yaml_config):
     _context_built = True
 
 
-def build_from_yaml(path: str, load_checkpoint=None, random_weights: bool = False, **overrides):
-    """(network, processor, yaml config) from a mindformers YAML. ``load_checkpoint`` overrides the
-    YAML's; ``device_target``/``device_id`` override its context; every other override is a
-    ``model.model_config`` key (e.g. max_batch_size, max_new_tokens)."""
-    yaml_config = read_yaml(path)
+def build_from_yaml(path, load_checkpoint=None, random_weights: bool = False, set_context: bool = True,
+                    **overrides):
+    """(network, processor, yaml config) from a mindformers YAML (a path, or a ``MindFormerConfig``
+    already read, as mindformers' Trainer holds it). ``load_checkpoint`` overrides the YAML's;
+    ``device_target``/``device_id`` override its context; every other override is a
+    ``model.model_config`` key (e.g. max_batch_size, max_new_tokens). ``set_context=False``: the
+    caller (mindformers' run_mindformer.py) has built MindSpore's context already."""
+    yaml_config = read_yaml(path) if isinstance(path, (str, os.PathLike)) else path
+    if not set_context:
+        global _context_built
+        _context_built = True
     if load_checkpoint is not None:
         yaml_config.load_checkpoint = load_checkpoint
     for key in CONTEXT_KEYS:

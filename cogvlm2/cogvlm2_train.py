@@ -112,7 +112,7 @@ class AdamW:
     GROUP_BYTES = 1 << 29    # new values written into the parameters per writer graph
 
     def __init__(self, params: Sequence[Parameter], betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, threads: int = 2):
+                 weight_decay: float = 0.01, threads: int = 2, group_bytes: Optional[int] = None):
         self.params = list(params)
         self.exp_avg = [np.zeros(p.shape, np.float32) for p in self.params]
         self.exp_avg_sq = [np.zeros(p.shape, np.float32) for p in self.params]
@@ -122,7 +122,8 @@ class AdamW:
         self.threads = max(1, threads)
         self.step = 0
         self.names = [p.name for p in self.params]   # before a training graph prefixes them
-        self._writers = [_ParamWriter(self.params, group) for group in _groups(self.params, self.GROUP_BYTES)]
+        self._writers = [_ParamWriter(self.params, group)
+                         for group in _groups(self.params, group_bytes or self.GROUP_BYTES)]
 
     def apply(self, grads, lr: float):
         """One update with learning rate ``lr``; ``grads`` numpy arrays or Tensors, in ``params`` order."""
@@ -313,6 +314,7 @@ class Trainable:
             else:
                 for total, g in zip(grads, step_grads):
                     total += g.asnumpy()                              # in place: one copy of the gradients
+            del loss, step_grads   # the graph's output buffers go back to its pool before the next micro-batch
         if reduce_grads is not None:
             grads = reduce_grads(grads)
         return loss_sum / total_labels, sample_ce, grads

@@ -96,7 +96,9 @@ def test_full_gradients_norms_and_three_steps(samples, tg):
     loss2, _, grads2 = trainable.loss_and_grads([collate(samples[:1], PAD), collate(samples[1:], PAD)], 44)
     assert abs(loss2 - loss) <= 1e-6
     assert max(_rel(a, b) for a, b in zip(grads2, grads) if np.abs(b).max() > 0) <= 1e-5
-    optimizer = AdamW(params, (0.9, 0.999), 1e-8, 0.01)
+    # 64 KiB writer groups: the parameters are written back by several assign graphs, as a large model's are
+    optimizer = AdamW(params, (0.9, 0.999), 1e-8, 0.01, group_bytes=1 << 16)
+    assert len(optimizer._writers) > 3
     losses = [loss]
     optimizer.apply([ms.Tensor(g) for g in grads], 1e-3)
     for _ in range(2):

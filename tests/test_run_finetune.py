@@ -287,3 +287,32 @@ def test_full_finetuning_checkpoint_loads_in_from_pretrained_and_engine(tmp_path
     with CogVLM2Engine.from_pretrained(checkpoint) as engine:
         answer = engine.submit("Please describe this video.", max_new_tokens=8).result(120)
     assert answer.new_tokens == expected, (answer.new_tokens, expected)
+
+
+def test_mindformers_trainer_flow(tmp_path, monkeypatch):
+    """What run_mindformer.py --register_path REPO --config <tiny LoRA YAML> --run_mode finetune
+    --load_checkpoint ... --train_dataset_dir data.jsonl does: build_context, Trainer(config).finetune.
+    The YAML's trainer (CogVLM2FinetuneTrainer, auto-registered) runs the plugin's loop: the losses of
+    the first 2 steps equal the official code's and the adapter lands in <output_dir>/finetune."""
+    from mindformers.core.context import build_context
+    from mindformers.tools.register import MindFormerConfig
+    from mindformers.trainer import Trainer
+    from mindformers.utils.file_utils import set_output_path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REGISTER_PATH", ROOT)
+    monkeypatch.syspath_prepend(ROOT)
+    data = write_dataset(str(tmp_path / "data"))
+    config = MindFormerConfig(LORA_YAML)
+    config.run_mode = "finetune"
+    config.load_checkpoint = TINY
+    config.train_dataset.data_loader.dataset_dir = data
+    config.output_dir = str(tmp_path / "output")
+    config.finetune.train_steps = 2
+    config.finetune.init_adapter = os.path.join(TRAIN, "adapter_init")
+    set_output_path(config.output_dir)
+    build_context(config)
+    Trainer(config).finetune(finetune_checkpoint=config.load_checkpoint)
+    out = os.path.join(config.output_dir, "finetune")
+    golden = np.load(os.path.join(TRAIN, "train_golden.npz"))["lora_losses"][:2]
+    assert np.abs(np.asarray([line["loss"] for line in log_losses(out)]) - golden).max() <= 2e-5
+    assert sorted(os.listdir(os.path.join(out, "adapter"))) == ["adapter_config.json", "adapter_model.safetensors"]
