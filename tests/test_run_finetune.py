@@ -192,9 +192,12 @@ def test_corrupt_video_names_the_line_or_is_skipped(tmp_path, capsys):
     result = run_main(command(data, str(tmp_path / "out")), capsys)
     assert result.returncode == 2 and "data.jsonl:2" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1
-    skipped = run_main(command(data, str(tmp_path / "out2"), "--skip_bad_samples"), capsys)
+    args = command(data, str(tmp_path / "out2"), "--skip_bad_samples")
+    args[args.index("--config") + 1] = lora_yaml_with(folder, "train_steps: 5", "train_steps: 2")
+    skipped = run_main(args, capsys)
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "skipped 1 bad samples (lines [2])" in skipped.stdout
+    assert [line["samples"] for line in log_losses(str(tmp_path / "out2"))] == [2, 1]
 
 
 def test_sample_longer_than_context_names_line_and_length_or_is_skipped(tmp_path, capsys):
@@ -208,26 +211,34 @@ def test_sample_longer_than_context_names_line_and_length_or_is_skipped(tmp_path
     needed = int(line.split("the sample needs ")[1].split(" tokens")[0])
     assert needed > 2100, line
     assert not os.path.exists(str(tmp_path / "out" / "adapter"))
-    skipped = run_main(command(data, str(tmp_path / "out2"), "--skip_bad_samples"), capsys)
+    args = command(data, str(tmp_path / "out2"), "--skip_bad_samples")
+    args[args.index("--config") + 1] = lora_yaml_with(str(tmp_path), "train_steps: 5", "train_steps: 2")
+    skipped = run_main(args, capsys)
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "skipped 1 bad samples (lines [2])" in skipped.stdout
-    # global batches of 3 over the 2 lines: [1, 2, 1], [2, 1, 2], ... without line 2
-    assert [line["samples"] for line in log_losses(str(tmp_path / "out2"))] == [2, 1, 2, 1, 2]
+    # global batches of 3 over the 2 lines: [1, 2, 1], [2, 1, 2] without line 2
+    assert [line["samples"] for line in log_losses(str(tmp_path / "out2"))] == [2, 1]
+
+
+def lora_yaml_with(folder, old, new):
+    """A copy of the tiny LoRA YAML with one setting changed."""
+    with open(LORA_YAML, encoding="utf-8") as f:
+        text = f.read()
+    assert old in text
+    path = os.path.join(folder, "changed.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace(old, new))
+    return path
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     """lr 1e30: step 1 is finite and applied (AdamW moves every LoRA weight by ~1e30), so the loss of
     step 2 overflows. The run stops before applying step 2, names it and the step-1 checkpoint, and
     writes no adapter; --resume would start from step 1."""
-    with open(LORA_YAML, encoding="utf-8") as f:
-        text = f.read()
-    assert "learning_rate: 1.e-3" in text
-    config = tmp_path / "lr_huge.yaml"
-    config.write_text(text.replace("learning_rate: 1.e-3", "learning_rate: 1.e+30"), encoding="utf-8")
     data = write_dataset(str(tmp_path), SAMPLES[1:2], video=False)
     out = str(tmp_path / "out")
     args = command(data, out)
-    args[args.index("--config") + 1] = str(config)
+    args[args.index("--config") + 1] = lora_yaml_with(str(tmp_path), "learning_rate: 1.e-3", "learning_rate: 1.e+30")
     result = run_main(args, capsys)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "at step 2" in result.stderr and "stopped before applying it" in result.stderr, result.stderr
