@@ -1,0 +1,157 @@
+// y = x @ w for a few rows of x, streaming the weight once for all rows (the decode step's MatMul).
+//
+// x (M, K) float32 row-major, w (K, N) float32 row-major (Linear's (in, out) layout), y (M, N).
+// A MindSpore "aot" Custom CPU kernel: RowsMatMul(nparam=3, params={x, w, y}, ...).
+//
+// Why: oneDNN 2.2's gemm (MindSpore 2.7.2's CPU MatMul) reads the weight once only for 1 row; for
+// 2-15 rows it packs or re-reads it, so a memory-bound decode step of 8 sequences costs 2-3.4x that
+// of 1. Here each thread owns a range of output columns, cut into panels; within a panel k runs
+// over all of K while the partial sums of up to 16 rows stay in registers / L1, so every weight
+// element is loaded from memory once per call whatever M is (rows beyond 16 take further passes).
+// Summation is in k order (0..K-1) per output, one float32 multiply-add per term.
+// Built by cogvlm2/cogvlm2_rows_matmul.py (g++ -O3 -march=native -std=c++17 -shared -fPIC -pthread).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#include <sched.h>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));   // unaligned loads
+constexpr int kMaxRows = 16;
+
+// A panel of columns [j0, j0 + P) for MR rows: the partial sums of the panel live in `acc` (MR x P
+// floats, L1/L2-resident); k advances in groups of kGroup rows of w, and for each vector of columns the
+// MR sums stay in registers over the group. So w is read row after row, each row segment once, as
+// kGroup contiguous streams, and the sums go through cache only once per group.
+constexpr int kGroup = 8;         // rows of w per pass over a panel's sums (8 concurrent read streams)
+constexpr int64_t kPanel = 512;   // columns per panel: 16 rows x 512 floats of sums = 32 KiB (L1)
+
+template <int MR>
+void panel(const float *x, const float *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t P, float *acc) {
+  const int64_t nv = P / kLanes;   // whole vectors; the caller handles the scalar tail
+  std::memset(acc, 0, sizeof(float) * MR * P);
+  int64_t k = 0;
+  for (; k + kGroup <= K; k += kGroup) {
+    const float *wk = w + k * N + j0;
+    float xs[MR][kGroup];
+    for (int m = 0; m < MR; ++m)
+      for (int g = 0; g < kGroup; ++g) xs[m][g] = x[m * K + k + g];
+    for (int64_t v = 0; v < nv; ++v) {
+      vec a[MR];
+      for (int m = 0; m < MR; ++m) a[m] = *reinterpret_cast<const vec *>(acc + m * P + v * kLanes);
+      for (int g = 0; g < kGroup; ++g) {
+        const vec wv = *reinterpret_cast<const vec *>(wk + g * N + v * kLanes);
+        for (int m = 0; m < MR; ++m) a[m] += xs[m][g] * wv;
+      }
+      for (int m = 0; m < MR; ++m) *reinterpret_cast<vec *>(acc + m * P + v * kLanes) = a[m];
+    }
+  }
+  for (; k < K; ++k) {
+    const float *wk = w + k * N + j0;
+    for (int64_t v = 0; v < nv; ++v) {
+      const vec wv = *reinterpret_cast<const vec *>(wk + v * kLanes);
+      for (int m = 0; m < MR; ++m) {
+        vec *a = reinterpret_cast<vec *>(acc + m * P + v * kLanes);
+        *a += x[m * K + k] * wv;
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) std::memcpy(y + m * N + j0, acc + m * P, sizeof(float) * nv * kLanes);
+}
+
+// columns [j0, j1) for rows 0..MR-1: panels of whole vectors, then scalar columns
+template <int MR>
+void columns(const float *x, const float *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t j1) {
+  alignas(64) static thread_local float acc[kMaxRows * kPanel];
+  int64_t j = j0;
+  for (; j + kLanes <= j1; j += kPanel) {
+    const int64_t P = std::min<int64_t>(kPanel, (j1 - j) / kLanes * kLanes);
+    panel<MR>(x, w, y, K, N, j, P, acc);
+    if (P < kPanel) { j += P; break; }
+  }
+  for (; j < j1; ++j)
+    for (int m = 0; m < MR; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + j];
+      y[m * N + j] = s;
+    }
+}
+
+typedef void (*columns_fn)(const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t);
+
+template <int... MR>
+struct Table {
+  static constexpr columns_fn fns[sizeof...(MR)] = {&columns<MR>...};
+};
+const columns_fn *kColumns = Table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>::fns;
+
+void run(const float *x, const float *w, float *y, int64_t M, int64_t K, int64_t N, int64_t j0, int64_t j1) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+    kColumns[rows - 1](x + m0 * K, w, y + m0 * N, K, N, j0, j1);
+  }
+}
+
+int cpu_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return std::max(1, CPU_COUNT(&set));
+}
+
+}  // namespace
+
+extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  for (int i = 0; i < 3; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return 2;
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
+  if (shapes[1][0] != K || shapes[2][0] != M || shapes[2][1] != N) return 3;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  if (M == 0 || N == 0) return 0;
+  // one contiguous column range per thread, in whole 64-column blocks; small products stay on one thread
+  const int64_t blocks = (N + 63) / 64;
+  const int64_t work = M * K * N;
+  int threads = static_cast<int>(std::min<int64_t>(cpu_count(), blocks));
+  if (work < (int64_t(1) << 18)) threads = 1;
+  if (threads <= 1) {
+    run(x, w, y, M, K, N, 0, N);
+    return 0;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  auto range = [&](int t, int64_t *j0, int64_t *j1) {
+    *j0 = std::min(N, blocks * t / threads * 64);
+    *j1 = std::min(N, blocks * (t + 1) / threads * 64);
+  };
+  for (int t = 1; t < threads; ++t) {
+    int64_t j0, j1;
+    range(t, &j0, &j1);
+    pool.emplace_back(run, x, w, y, M, K, N, j0, j1);
+  }
+  int64_t j0, j1;
+  range(0, &j0, &j1);
+  run(x, w, y, M, K, N, j0, j1);
+  for (auto &th : pool) th.join();
+  return 0;
+}
+
+// Output shape for MindSpore's graph compiler and its dynamic-shape runtime: (M, N). The third
+// argument is MindSpore's AotExtra*, unused here.
+extern "C" std::vector<int64_t> RowsMatMulInferShape(int *ndims, int64_t **shapes, void *extra) {
+  (void)ndims;
+  (void)extra;
+  return {shapes[0][0], shapes[1][1]};
+}
