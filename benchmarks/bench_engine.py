@@ -9,9 +9,12 @@ is measured under the same machine conditions. The requests mix three videos (th
 two clips cut from it at other lengths and sizes) with text-only questions, all submitted at once.
 Printed: aggregate generated tokens/s and requests/min for each run and their ratio, p50/p95 time to
 first token, and the decode step time at batch 8 over batch 1 (median of repeated steps), with the
-same steps run without logits (no lm_head rows) beside them, so the step splits into decoder and lm_head.
+same steps run without logits (no lm_head rows) beside them, so the step splits into decoder and lm_head,
+for the decode step graph with the rows kernel (decode_matmul rows) and with ops.MatMul (onednn), interleaved.
+The engine runs use the config's decode_matmul (auto: rows on CPU).
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -81,9 +84,23 @@ def run(engine, requests) -> dict:
             "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95))}
 
 
-def step_times(model, batches: tuple, context: int, repeats: int) -> dict:
-    """{(batch, with_logits): median seconds of one decode step} for ``batch`` rows with ``context``
-    cached tokens, with logits for every row or for none (decoder only); all interleaved."""
+@contextlib.contextmanager
+def decode_matmul(model, kind: str):
+    """Run decode steps on the rows-kernel graph ("rows", the default when built) or on the one step
+    graph with ops.MatMul ("onednn"), so both are timed in one process."""
+    saved = model.decode_step
+    if kind == "onednn":
+        object.__setattr__(model, "decode_step", None)
+    try:
+        yield
+    finally:
+        object.__setattr__(model, "decode_step", saved)
+
+
+def step_times(model, batches: tuple, context: int, repeats: int, kinds=("rows",)) -> dict:
+    """{(kind, batch, with_logits): median seconds of one decode step} for ``batch`` rows with ``context``
+    cached tokens, with logits for every row or for none (decoder only), for each decode MatMul kind;
+    all interleaved. Also {"max_logit_diff": ...} between the kinds' logits."""
     from mindspore import Tensor, mutable
     from cogvlm2.cogvlm2_token_types import causal_bias
     c = model.config
@@ -95,15 +112,21 @@ def step_times(model, batches: tuple, context: int, repeats: int) -> dict:
                 causal_bias(np.ones((batch, context + 1), np.int64), context), past)
         inputs[(batch, True)] = step + (np.arange(batch),)
         inputs[(batch, False)] = step + (np.arange(0),)
-    times = {key: [] for key in inputs}
+    times = {(kind,) + key: [] for kind in kinds for key in inputs}
+    last = {}
     for i in range(repeats + 2):
         for key, step in inputs.items():
-            start = time.perf_counter()
-            logits, _ = model.run_step(*step)
-            logits.asnumpy()
-            if i >= 2:
-                times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(t) for key, t in times.items()}
+            for kind in kinds:
+                with decode_matmul(model, kind):
+                    start = time.perf_counter()
+                    logits, _ = model.run_step(*step)
+                    last[(kind,) + key] = logits.asnumpy()
+                    if i >= 2:
+                        times[(kind,) + key].append(time.perf_counter() - start)
+    result = {key: statistics.median(t) for key, t in times.items()}
+    result["max_logit_diff"] = max(float(np.abs(last[(kinds[0],) + key] - last[(kind,) + key]).max(initial=0))
+                                   for kind in kinds for key in inputs)
+    return result
 
 
 def main():
@@ -128,7 +151,8 @@ def main():
                 results[label] = run(engine, requests)
                 stats = engine.snapshot()
                 results[label]["occupancy"] = stats.decode_rows / max(stats.decode_steps, 1)
-        steps = step_times(model, (1, args.batch), 450, args.step_repeats)
+        kinds = ("rows", "onednn") if model.decode_step is not None else ("onednn",)
+        steps = step_times(model, (1, args.batch), 450, args.step_repeats, kinds)
 
     print(f"{args.requests} requests ({args.requests // 2} with video: {len(videos)} videos; the rest text), "
           f"{args.new_tokens} new tokens each, submitted at once; bench config, random weights")
@@ -140,13 +164,16 @@ def main():
     sequential, batched = results.values()
     print(f"throughput ratio (batched / sequential): {batched['tokens_per_s'] / sequential['tokens_per_s']:.2f}x "
           "(target >= 4x)")
-    step1, step_b = steps[(1, True)], steps[(args.batch, True)]
-    print(f"decode step at 450 tokens of context: batch 1 {step1 * 1e3:.1f} ms, batch {args.batch} "
-          f"{step_b * 1e3:.1f} ms, ratio {step_b / step1:.2f}x (target <= 1.5x)")
-    dec1, dec_b = steps[(1, False)], steps[(args.batch, False)]
-    print(f"  of which decoder (same steps without logits): batch 1 {dec1 * 1e3:.1f} ms, batch {args.batch} "
-          f"{dec_b * 1e3:.1f} ms, ratio {dec_b / dec1:.2f}x; lm_head: {(step1 - dec1) * 1e3:.1f} ms, "
-          f"{(step_b - dec_b) * 1e3:.1f} ms, ratio {(step_b - dec_b) / (step1 - dec1):.2f}x")
+    print(f"decode steps at 450 tokens of context, decode_matmul kinds interleaved "
+          f"(max |logits difference| between kinds {steps['max_logit_diff']:.2g}):")
+    for kind in kinds:
+        step1, step_b = steps[(kind, 1, True)], steps[(kind, args.batch, True)]
+        print(f"  {kind:7s} batch 1 {step1 * 1e3:.1f} ms, batch {args.batch} {step_b * 1e3:.1f} ms, "
+              f"ratio {step_b / step1:.2f}x (target <= 1.5x)")
+        dec1, dec_b = steps[(kind, 1, False)], steps[(kind, args.batch, False)]
+        print(f"          of which decoder (same steps without logits): batch 1 {dec1 * 1e3:.1f} ms, batch "
+              f"{args.batch} {dec_b * 1e3:.1f} ms, ratio {dec_b / dec1:.2f}x; lm_head: {(step1 - dec1) * 1e3:.1f} "
+              f"ms, {(step_b - dec_b) * 1e3:.1f} ms, ratio {(step_b - dec_b) / (step1 - dec1):.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ it, each a one-op graph with a dynamic row count (like the step graph):
 
 - ``x @ W``        weight stored (in, out), ``MatMul`` (what ``Linear`` does);
 - ``x @ W^T``      weight stored (out, in) = the PyTorch layout, ``MatMul(transpose_b=True)``;
-- ``(W @ x^T)^T``  weight stored (out, in), the big matrix as the left operand.
+- ``(W @ x^T)^T``  weight stored (out, in), the big matrix as the left operand;
+- ``rows kernel``  weight stored (in, out), the decode step's Custom op (``cogvlm2_rows_matmul``).
 
 Rounds interleave every formulation and batch size, so load from other jobs hits them alike; the
 table shows medians and each formulation's time at the largest batch over its batch-1 time (a
@@ -48,12 +49,14 @@ def formulations(weight: np.ndarray) -> dict:
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn, ops
 
+    from cogvlm2.cogvlm2_rows_matmul import rows_matmul_op
+
     class Product(nn.Cell):
-        def __init__(self, stored, left_weight, transpose_b):
+        def __init__(self, stored, left_weight, transpose_b, matmul=None):
             super().__init__()
             self.weight = Parameter(Tensor(np.ascontiguousarray(stored)), name="weight")
             self.left_weight = left_weight
-            self.matmul = ops.MatMul(transpose_b=transpose_b)
+            self.matmul = matmul if matmul is not None else ops.MatMul(transpose_b=transpose_b)
 
         def construct(self, x):
             if self.left_weight:
@@ -62,7 +65,8 @@ def formulations(weight: np.ndarray) -> dict:
 
     cells = {"x @ W (in,out)": Product(weight, False, False),
              "x @ W^T (out,in)": Product(weight.T, False, True),
-             "(W @ x^T)^T (out,in)": Product(weight.T, True, True)}
+             "(W @ x^T)^T (out,in)": Product(weight.T, True, True),
+             "rows kernel (in,out)": Product(weight, False, False, rows_matmul_op())}
     for cell in cells.values():
         cell.set_inputs(Tensor(shape=[None, weight.shape[0]], dtype=ms.float32))
     return cells

@@ -24,6 +24,7 @@ from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model
+from cogvlm2.cogvlm2_rows_matmul import ROWS_PER_PASS, resolve_decode_matmul, rows_matmul_op
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
 
@@ -37,20 +38,24 @@ class CausalLMStep(nn.Cell):
     input_ids (B, L) int32, vision_embeds (N, H), vision_index (N, 1) int32, expert_mask (B, L),
     position_ids (B, L) int32, bias (B, 1, L, S+L) float32, past: tuple of 2*layers (B, Hkv, S, d),
     logits_index (M, 1) int32 flat positions b*L + l -> logits (M, vocab) float32, new past.
+
+    matmul: the product every decoder Linear and the lm_head use in this graph (None: ops.MatMul;
+    the decode step graph gets the rows kernel, see ``cogvlm2_rows_matmul``).
     """
 
-    def __init__(self, model: CogVLM2Model, lm_head: Linear):
+    def __init__(self, model: CogVLM2Model, lm_head: Linear, matmul=None):
         super().__init__()
         self.model = model
         self.lm_head = lm_head
+        self.matmul = matmul
 
     @ms.jit   # compiled as a graph in PYNATIVE_MODE too (GRAPH_MODE compiles every Cell anyway)
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
                   logits_index):
         hidden, new_past = self.model(input_ids, vision_embeds, vision_index, expert_mask, position_ids,
-                                      bias, past)                                  # (B*L, H)
+                                      bias, past, self.matmul)                     # (B*L, H)
         picked = ops.gather_nd(hidden, logits_index)                               # (M, H)
-        return self.lm_head(picked).astype(ms.float32), new_past                   # (M, vocab)
+        return self.lm_head(picked, self.matmul).astype(ms.float32), new_past      # (M, vocab)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -68,20 +73,32 @@ class CogVLM2ForVideo(PreTrainedModel):
         self.config = config
         self.model = CogVLM2Model(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
-        # Not registered as a child cell: it shares model/lm_head, whose names stay model.* / lm_head.*
+        # Not registered as child cells: they share model/lm_head, whose names stay model.* / lm_head.*
         object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head))
+        # decode calls (one token per row, at most ROWS_PER_PASS rows) get their own graph when
+        # decode_matmul resolves to the rows kernel; None: the one step graph serves every call
+        object.__setattr__(self, "decode_step", None)
         if compile_graphs:
             _check_device_dtype(config)
+            decode_matmul = resolve_decode_matmul(config.decode_matmul, ms.get_context("device_target"),
+                                                  config.compute_dtype)
+            if decode_matmul == "rows":
+                object.__setattr__(self, "decode_step", CausalLMStep(self.model, self.lm_head, rows_matmul_op()))
             if config.is_dynamic:
                 self._declare_dynamic_inputs()
 
     # ----- graphs --------------------------------------------------------------------------------
     def _declare_dynamic_inputs(self):
-        """One compiled step graph for every batch size, length and cache length."""
+        """One compiled graph per step kind for every batch size, length and cache length."""
+        for step in (self.step, self.decode_step):
+            if step is not None:
+                self._declare_step_inputs(step)
+
+    def _declare_step_inputs(self, step: CausalLMStep):
         c = self.config
         dtype = to_ms_dtype(c.compute_dtype)
         kv = Tensor(shape=[None, c.num_multi_query_heads, None, c.head_dim], dtype=dtype)
-        self.step.set_inputs(
+        step.set_inputs(
             Tensor(shape=[None, None], dtype=ms.int32),                  # input_ids
             Tensor(shape=[None, c.hidden_size], dtype=dtype),            # vision_embeds
             Tensor(shape=[None, 1], dtype=ms.int32),                     # vision_index
@@ -164,9 +181,12 @@ class CogVLM2ForVideo(PreTrainedModel):
     def run_step(self, input_ids: np.ndarray, vision_embeds, token_type_ids: np.ndarray,
                  position_ids: np.ndarray, bias: np.ndarray, past, logits_index: np.ndarray):
         """Run the compiled step. logits_index: flat positions b*L + l that need logits.
-        Returns (logits (M, vocab) Tensor, new past)."""
+        Returns (logits (M, vocab) Tensor, new past). Decode-shaped calls, input_ids (B, 1) with
+        B <= ROWS_PER_PASS, run the decode step graph when there is one (decode_matmul)."""
         inputs = self._graph_inputs(input_ids, vision_embeds, token_type_ids, position_ids, bias)
-        return self.step(*inputs, mutable(tuple(past)), Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
+        decode = self.decode_step is not None and input_ids.shape[1] == 1 and input_ids.shape[0] <= ROWS_PER_PASS
+        step = self.decode_step if decode else self.step
+        return step(*inputs, mutable(tuple(past)), Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
 
     def hidden_states(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
                       vision_embeds=None) -> list:

@@ -11,6 +11,7 @@ from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
+from cogvlm2.cogvlm2_rows_matmul import DECODE_MATMUL_CHOICES
 
 __all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]  # the error: re-exported
 
@@ -101,6 +102,7 @@ class CogVLM2Config(PretrainedConfig):
                  use_flash_attention: bool = False,
                  max_batch_size: int = 8,
                  vision_cache_mb: float = 512,
+                 decode_matmul: str = "auto",
                  **kwargs):
         # mindformers YAML spellings of the same values
         num_hidden_layers = kwargs.pop("num_layers", num_hidden_layers)
@@ -144,6 +146,11 @@ class CogVLM2Config(PretrainedConfig):
         self.use_flash_attention = use_flash_attention
         self.max_batch_size = max_batch_size      # sequences the engine decodes together
         self.vision_cache_mb = vision_cache_mb    # bound of the engine's vision-embedding LRU cache
+        # the decode step's MatMul: "rows" = the rows kernel (cogvlm2_rows_matmul, float32 CPU), which
+        # reads each weight once for all <= 16 rows, where MindSpore 2.7.2's oneDNN re-reads it for
+        # 2-15 rows (a batch-8 step cost 2-3.4x a batch-1 step); "onednn" = ops.MatMul; "auto" = rows
+        # on CPU if it builds (g++), onednn elsewhere (Ascend). Prefill always uses ops.MatMul.
+        self.decode_matmul = decode_matmul
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------------
@@ -196,6 +203,8 @@ class CogVLM2Config(PretrainedConfig):
              f"max_batch_size {self.max_batch_size!r} must be an integer >= 1"),
             (isinstance(self.vision_cache_mb, (int, float)) and self.vision_cache_mb >= 0,
              f"vision_cache_mb {self.vision_cache_mb!r} must be a number >= 0 (0 turns the cache off)"),
+            (self.decode_matmul in DECODE_MATMUL_CHOICES,
+             f"decode_matmul {self.decode_matmul!r} must be one of {list(DECODE_MATMUL_CHOICES)}"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),
         ]

@@ -42,7 +42,12 @@ def placeholder(shape, dtype) -> Tensor:
 
 class Linear(nn.Cell):
     """y = x W + b over the last axis. weight is stored (in, out): the transpose of the PyTorch
-    checkpoint's (out, in), which the loader applies (``transposed_in_checkpoint``)."""
+    checkpoint's (out, in), which the loader applies (``transposed_in_checkpoint``).
+
+    ``construct(x, matmul=None)``: ``matmul`` is a primitive ``(x (N, in), W (in, out)) -> (N, out)``
+    that replaces ``ops.MatMul`` for this call; the decode step graph passes the rows kernel
+    (``cogvlm2_rows_matmul``) down through the decoder, every other graph passes nothing.
+    """
 
     transposed_in_checkpoint = ("weight",)
 
@@ -53,14 +58,17 @@ class Linear(nn.Cell):
         self.bias = Parameter(placeholder((out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul()
 
-    def construct(self, x):
+    def construct(self, x, matmul=None):
         if x.ndim == 2:                                                  # (N, in): no reshapes
-            return self._matmul(x)
+            return self._matmul(x, matmul)
         shape = x.shape
-        return self._matmul(x.reshape(-1, shape[-1])).reshape(shape[:-1] + (self.out_features,))
+        return self._matmul(x.reshape(-1, shape[-1]), matmul).reshape(shape[:-1] + (self.out_features,))
 
-    def _matmul(self, x):
-        y = self.matmul(x, self.weight)                                  # (N, out)
+    def _matmul(self, x, matmul):
+        if matmul is None:
+            y = self.matmul(x, self.weight)                              # (N, out)
+        else:
+            y = matmul(x, self.weight)
         return y if self.bias is None else ops.bias_add(y, self.bias)
 
 
@@ -138,6 +146,6 @@ def attention(q, k, v, bias, scale: float):
     return out.reshape(b, hq, length, d)
 
 
-def swiglu(x, gate_proj, up_proj, down_proj):
-    """down(silu(gate(x)) * up(x)): the Llama MLP and the adapter GLU share this."""
-    return down_proj(ops.silu(gate_proj(x)) * up_proj(x))
+def swiglu(x, gate_proj, up_proj, down_proj, matmul=None):
+    """down(silu(gate(x)) * up(x)): the Llama MLP and the adapter GLU share this (``matmul``: see Linear)."""
+    return down_proj(ops.silu(gate_proj(x, matmul)) * up_proj(x, matmul), matmul)

@@ -78,12 +78,12 @@ class VisionExpertAttention(nn.Cell):
     def _heads(self, x, heads, b, length):
         return x.reshape(b, length, heads, self.head_dim).swapaxes(1, 2)   # (B, heads, L, d)
 
-    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value):
+    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None):
         """x: (B*L, H) flat tokens; rope_q/rope_k: (cos, sin) each (B, heads, L, d)."""
         b, _, length, _ = rope_q[0].shape
-        qkv = self.language_expert_query_key_value(x)                      # (B*L, H + 2*kv)
+        qkv = self.language_expert_query_key_value(x, matmul)                    # (B*L, H + 2*kv)
         if self.has_vision_expert:
-            qkv = _route(expert_mask, qkv, self.vision_expert_query_key_value(x))
+            qkv = _route(expert_mask, qkv, self.vision_expert_query_key_value(x, matmul))
         q = self._heads(qkv[:, :self.hidden_size], self.num_heads, b, length)
         k = self._heads(qkv[:, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads, b, length)
         v = self._heads(qkv[:, self.hidden_size + self.kv_size:], self.num_kv_heads, b, length)
@@ -93,9 +93,9 @@ class VisionExpertAttention(nn.Cell):
         value = ops.concat((past_value, v), 2)
         out = attention(q, key, value, bias, self.scale)                   # (B, Hq, L, d)
         out = out.swapaxes(1, 2).reshape(b * length, self.hidden_size)
-        dense = self.language_expert_dense(out)
+        dense = self.language_expert_dense(out, matmul)
         if self.has_vision_expert:
-            dense = _route(expert_mask, dense, self.vision_expert_dense(out))
+            dense = _route(expert_mask, dense, self.vision_expert_dense(out, matmul))
         return dense, key, value
 
 
@@ -108,8 +108,8 @@ class LlamaMLP(nn.Cell):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, False, dtype)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, False, dtype)
 
-    def construct(self, x):
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+    def construct(self, x, matmul=None):
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, matmul)
 
 
 class VisionExpertMLP(nn.Cell):
@@ -120,10 +120,10 @@ class VisionExpertMLP(nn.Cell):
         if self.has_vision_expert:
             self.vision_mlp = LlamaMLP(config, dtype)
 
-    def construct(self, x, expert_mask):
-        out = self.language_mlp(x)
+    def construct(self, x, expert_mask, matmul=None):
+        out = self.language_mlp(x, matmul)
         if self.has_vision_expert:
-            out = _route(expert_mask, out, self.vision_mlp(x))
+            out = _route(expert_mask, out, self.vision_mlp(x, matmul))
         return out
 
 
@@ -137,12 +137,12 @@ class CogVLMDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = VisionExpertMLP(config, dtype)
 
-    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value):
+    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None):
         """x: (B*L, H) -> (B*L, H) and this layer's extended cache."""
         attn, key, value = self.self_attn(self.input_layernorm(x), expert_mask, rope_q, rope_k, bias,
-                                          past_key, past_value)
+                                          past_key, past_value, matmul)
         h = x + attn
-        return h + self.mlp(self.post_attention_layernorm(h), expert_mask), key, value
+        return h + self.mlp(self.post_attention_layernorm(h), expert_mask, matmul), key, value
 
 
 class CogVLM2Model(nn.Cell):
@@ -198,12 +198,15 @@ class CogVLM2Model(nn.Cell):
             states.append(x)
         return [h.reshape(shape) for h in states[:-1] + [self.norm(x)]]
 
-    def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past):
-        """-> final-norm hidden states (B*L, H) and the new cache (k0, v0, k1, v1, ...)."""
+    def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
+                  matmul=None):
+        """-> final-norm hidden states (B*L, H) and the new cache (k0, v0, k1, v1, ...). matmul: the
+        decoder Linears' product (None: ops.MatMul; the decode step graph passes the rows kernel)."""
         x = self.embed(input_ids, vision_embeds, vision_index)
         rope_q, rope_k, bias = self.layer_inputs(position_ids, bias)
         new_past = ()
         for i in range(self.num_layers):
-            x, key, value = self.layers[i](x, expert_mask, rope_q, rope_k, bias, past[2 * i], past[2 * i + 1])
+            x, key, value = self.layers[i](x, expert_mask, rope_q, rope_k, bias, past[2 * i], past[2 * i + 1],
+                                           matmul)
             new_past = new_past + (key, value)
         return self.norm(x), new_past

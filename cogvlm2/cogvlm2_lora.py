@@ -104,14 +104,17 @@ class LoRALinear(nn.Cell):
         self.dropout = nn.Dropout(p=dropout) if self.use_dropout else None
         self.matmul = ops.MatMul()
 
-    def construct(self, x):
+    def construct(self, x, matmul=None):
         if x.ndim == 2:
-            return self._forward(x)
+            return self._forward(x, matmul)
         shape = x.shape
-        return self._forward(x.reshape(-1, shape[-1])).reshape(shape[:-1] + (self.out_features,))
+        return self._forward(x.reshape(-1, shape[-1]), matmul).reshape(shape[:-1] + (self.out_features,))
 
-    def _forward(self, x):
-        y = self.matmul(x, self.weight)                                  # (N, out)
+    def _forward(self, x, matmul):
+        if matmul is None:                                               # as Linear: the base product
+            y = self.matmul(x, self.weight)                              # (N, out)
+        else:
+            y = matmul(x, self.weight)
         if self.bias is not None:
             y = ops.bias_add(y, self.bias)
         h = self.dropout(x) if self.use_dropout else x
