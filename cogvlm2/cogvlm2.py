@@ -1,12 +1,15 @@
 """CogVLM2ForVideo: EVA2-CLIP-E vision tower + adapter + visual-expert Llama-3 decoder.
 
-Two graphs are compiled (GRAPH_MODE by default), each once:
+Two graphs are compiled (GRAPH_MODE by default), each once, and a third for decode on CPU:
 - ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
   on chunks of ``config.vision_batch_frames`` frames, left-over frames one at a time (on CPU,
   static-shape kernels run this tower 1.7x faster than a dynamic T);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
-  prefill (empty cache) and every decode step.
+  prefill (empty cache) and every decode step;
+- with ``decode_matmul`` rows (auto on CPU): the same step with the rows kernel in every decoder
+  Linear and the lm_head (``decode_step``), which ``run_step`` uses for decode-shaped calls (one
+  token per row, at most 16 rows): oneDNN re-reads each weight for 2-15 rows, the kernel once.
 
 The Python methods (``__call__``, ``encode_video``, ``run_step``) prepare numpy inputs and call them.
 The network holds no request state: generation (``cogvlm2_generation``) and serving many requests
