@@ -10,8 +10,8 @@ two clips cut from it at other lengths and sizes) with text-only questions, all 
 Printed: aggregate generated tokens/s and requests/min for each run and their ratio, p50/p95 time to
 first token, and the decode step time at batch 8 over batch 1 (median of repeated steps), with the
 same steps run without logits (no lm_head rows) beside them, so the step splits into decoder and lm_head,
-for the decode step graph with the rows kernel (decode_matmul rows) and with ops.MatMul (onednn), interleaved.
-The engine runs use the config's decode_matmul (auto: rows on CPU).
+as shipped (auto: the rows kernel's graph for 2-16 rows, oneDNN for one) and all on ops.MatMul (onednn),
+interleaved. The engine runs use the config's decode_matmul (auto).
 """
 import argparse
 import contextlib
@@ -86,8 +86,8 @@ def run(engine, requests) -> dict:
 
 @contextlib.contextmanager
 def decode_matmul(model, kind: str):
-    """Run decode steps on the rows-kernel graph ("rows", the default when built) or on the one step
-    graph with ops.MatMul ("onednn"), so both are timed in one process."""
+    """Run decode steps as shipped ("auto": the rows-kernel graph for 2-16 rows, oneDNN for one) or
+    all on the one step graph with ops.MatMul ("onednn"), so both are timed in one process."""
     saved = model.decode_step
     if kind == "onednn":
         object.__setattr__(model, "decode_step", None)
@@ -97,7 +97,7 @@ def decode_matmul(model, kind: str):
         object.__setattr__(model, "decode_step", saved)
 
 
-def step_times(model, batches: tuple, context: int, repeats: int, kinds=("rows",)) -> dict:
+def step_times(model, batches: tuple, context: int, repeats: int, kinds=("auto",)) -> dict:
     """{(kind, batch, with_logits): median seconds of one decode step} for ``batch`` rows with ``context``
     cached tokens, with logits for every row or for none (decoder only), for each decode MatMul kind;
     all interleaved. Also {"max_logit_diff": ...} between the kinds' logits."""
@@ -151,7 +151,7 @@ def main():
                 results[label] = run(engine, requests)
                 stats = engine.snapshot()
                 results[label]["occupancy"] = stats.decode_rows / max(stats.decode_steps, 1)
-        kinds = ("rows", "onednn") if model.decode_step is not None else ("onednn",)
+        kinds = ("auto", "onednn") if model.decode_step is not None else ("onednn",)
         steps = step_times(model, (1, args.batch), 450, args.step_repeats, kinds)
 
     print(f"{args.requests} requests ({args.requests // 2} with video: {len(videos)} videos; the rest text), "
