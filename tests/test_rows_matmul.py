@@ -89,3 +89,33 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
     assert os.path.isfile(first) and os.path.dirname(first) == str(tmp_path / "kernels")
     mtime = os.path.getmtime(first)
     assert rows_module.build_library() == first and os.path.getmtime(first) == mtime
+
+
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_chat")
+
+
+def test_decode_calls_of_several_rows_use_the_rows_graph_and_match_the_onednn_step():
+    from cogvlm2 import CogVLM2ForVideo
+    from cogvlm2.cogvlm2_token_types import causal_bias
+    assert CogVLM2ForVideo.from_pretrained(TINY, decode_matmul="onednn").decode_step is None
+    model = CogVLM2ForVideo.from_pretrained(TINY)            # auto: rows on CPU
+    assert model.decode_step is not None
+    rng = np.random.default_rng(0)
+    batch, length = 3, 6
+    ids = rng.integers(0, 1000, (batch, length))
+    positions = np.tile(np.arange(length), (batch, 1))
+    _, past = model.run_step(ids, None, np.zeros_like(ids), positions, causal_bias(np.ones_like(ids), 0),
+                             model.empty_cache(batch), np.arange(batch) * length + length - 1)
+    calls = []
+    decode_step = model.decode_step
+    object.__setattr__(model, "decode_step", lambda *a: calls.append(a[0].shape) or decode_step(*a))
+    step = (rng.integers(0, 1000, (batch, 1)), None, np.zeros((batch, 1), np.int64), np.full((batch, 1), length),
+            causal_bias(np.ones((batch, length + 1), np.int64), length), past, np.arange(batch))
+    rows_logits = model.run_step(*step)[0].asnumpy()
+    assert calls == [(batch, 1)]
+    model.run_step(*[a[:1] if isinstance(a, np.ndarray) else a for a in step[:5]],
+                   tuple(p[:1] for p in past), np.arange(1))
+    assert calls == [(batch, 1)]                             # one row stays on the oneDNN step graph
+    object.__setattr__(model, "decode_step", None)
+    onednn_logits = model.run_step(*step)[0].asnumpy()
+    np.testing.assert_allclose(rows_logits, onednn_logits, rtol=0, atol=1e-6)
