@@ -121,12 +121,12 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
   const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   if (M == 0 || N == 0) return 0;
-  // one contiguous column range per thread, in whole 64-column blocks. A thread per 32 MB of weight:
-  // one core streams a decoder-sized matrix (4-12 MB) about as fast as two, and under load from other
-  // processes every extra thread is one more that the call waits for (measured: 1.0 vs 1.6 ms for a
-  // 6 MB weight with 1 vs 2 threads on the shared 2-core machine); the 525 MB lm_head takes every core.
+  // one contiguous column range per thread, in whole 64-column blocks; a thread per 4 MB of weight, so
+  // small products (and the scalar tests) stay on the calling thread. A whole batch-8 decode step of
+  // the bench model (idle 2-core machine) measured its decoder at 48.4 / 49.5 / 52.8 ms with a thread
+  // per 1 / 4 / 32 MB (oneDNN: 46.8 ms); under load from other jobs fewer threads did better.
   const int64_t blocks = (N + 63) / 64;
-  const int64_t per_thread = int64_t(32) << 20;
+  const int64_t per_thread = int64_t(4) << 20;
   const int64_t wanted = (K * N * int64_t(sizeof(float)) + per_thread - 1) / per_thread;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, cpu_count(), blocks})));
   if (threads <= 1) {
