@@ -351,10 +351,17 @@ class CogVLM2Engine:
         return [handle.result() for handle in handles]
 
     def warmup(self):
-        """Compile the vision graph and the step graph (the first requests are then fast)."""
+        """Compile every graph (vision, prefill/decode step, and the several-sequence decode step when
+        ``decode_matmul`` gives one), so the first requests are fast."""
+        model = self.model
+
         def compile_graphs():
-            size = self.model.config.image_size
-            self.model.encode_video(np.zeros((1, 3, size, size), np.float32))
+            size = model.config.image_size
+            model.encode_video(np.zeros((1, 3, size, size), np.float32))
+            rows = 2                                                   # a decode step of two sequences
+            model.run_step(np.zeros((rows, 1), np.int64), None, np.zeros((rows, 1), np.int64),
+                           np.zeros((rows, 1), np.int64), causal_bias(np.ones((rows, 1), np.int64), 0),
+                           model.empty_cache(rows), np.arange(rows))[0].asnumpy()
         self.call_on_model_thread(compile_graphs)
         self.submit("warm up", max_new_tokens=2).result()
 

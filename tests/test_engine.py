@@ -87,6 +87,8 @@ def test_step_graph_compiles_once_across_batches(engine):
                     max_new_tokens=3)
     assert len(engine.model.model.vision.compile_cache) == vision_graphs
     assert len(engine.model.step.compile_cache) == 1
+    decode_step = engine.model.decode_step                 # several-sequence decode (decode_matmul)
+    assert decode_step is None or len(decode_step.compile_cache) == 1
 
 
 def test_cancel_frees_the_slot_and_leaves_the_others_alone(golden):
