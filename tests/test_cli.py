@@ -1,6 +1,5 @@
 """run_predict.py: the README's main job end to end (a subprocess, as a user runs it), streaming and
 batches, and every command-line error (in-process: one line on stderr, exit code 2, no traceback)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,21 +19,8 @@ REAL_YAML = os.path.join(REPO, "configs", "cogvlm2", "predict_cogvlm2_video_llam
 RESULT_FILE = "multi_modal_to_text_generation_result.txt"
 
 
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("run_predict", RUN_PREDICT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def workdir(tmp_path, monkeypatch):
-    """run_predict.py writes the result file and mindformers' logs (./output) into the working directory."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LOCAL_DEFAULT_PATH", str(tmp_path / "output"))
-    monkeypatch.setenv("GLOG_v", os.environ.get("GLOG_v", "3"))   # main() sets it if unset
-    return tmp_path
+# every test runs in its own working directory (conftest.py's workdir)
+pytestmark = pytest.mark.usefixtures("workdir")
 
 
 def test_readme_command_prints_the_reference_answer(workdir, meta):

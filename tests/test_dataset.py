@@ -64,23 +64,8 @@ def dataset(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def cli():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("run_predict", RUN_PREDICT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LOCAL_DEFAULT_PATH", str(tmp_path / "output"))
-    monkeypatch.setenv("GLOG_v", "3")
-    for key in ("MS_ROLE", "RANK_ID", "RANK_SIZE", "MS_WORKER_NUM"):
-        monkeypatch.delenv(key, raising=False)
-    return tmp_path
+# every test runs in its own working directory (conftest.py's workdir)
+pytestmark = pytest.mark.usefixtures("workdir")
 
 
 def command(dataset, output, *extra):
