@@ -12,10 +12,16 @@
 // Built by cogvlm2/cogvlm2_rows_matmul.py (g++ -O3 -march=native -std=c++17 -shared -fPIC -pthread).
 #include <algorithm>
 #include <cstdint>
+#include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 #include <sched.h>
+#include <unistd.h>
 
 namespace {
 
@@ -31,8 +37,15 @@ constexpr int kMaxRows = 16;
 // floats, L1/L2-resident); k advances in groups of kGroup rows of w, and for each vector of columns the
 // MR sums stay in registers over the group. So w is read row after row, each row segment once, as
 // kGroup contiguous streams, and the sums go through cache only once per group.
-constexpr int kGroup = 8;         // rows of w per pass over a panel's sums (8 concurrent read streams)
-constexpr int64_t kPanel = 512;   // columns per panel: 16 rows x 512 floats of sums = 32 KiB (L1)
+constexpr int kGroup = 8;              // rows of w per pass over a panel's sums (8 concurrent read streams)
+// Columns per panel. Narrow panels keep a small product's sums in L1; a wide matrix (the lm_head) gets
+// wide panels, so each of the kGroup streams reads 32 KiB contiguous runs of a weight row instead of
+// 2 KiB ones, which the hardware prefetcher follows (lm_head 1024x128256 at 8 rows, standalone on the
+// 2-core machine: 48.7 ms with 512-column panels, 35.9-39.7 ms with 8192; 4-12 MB matrices were
+// 1.6x slower with 8192).
+constexpr int64_t kNarrowPanel = 512;   // 16 rows x 512 floats of sums = 32 KiB (L1)
+constexpr int64_t kWidePanel = 8192;    // 16 rows x 8192 floats = 512 KiB (L2)
+constexpr int64_t kWideFrom = 16384;    // a thread's column range from which panels are wide
 
 template <int MR>
 void panel(const float *x, const float *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t P, float *acc) {
@@ -67,15 +80,25 @@ void panel(const float *x, const float *w, float *y, int64_t K, int64_t N, int64
   for (int m = 0; m < MR; ++m) std::memcpy(y + m * N + j0, acc + m * P, sizeof(float) * nv * kLanes);
 }
 
+// The calling thread's panel sums: allocated once per thread (MindSpore's and the pool's threads live
+// for the process, so this is not per call).
+float *panel_sums() {
+  struct Free { void operator()(float *p) const { std::free(p); } };
+  static thread_local std::unique_ptr<float, Free> sums;
+  if (!sums) sums.reset(static_cast<float *>(std::aligned_alloc(64, sizeof(float) * kMaxRows * kWidePanel)));
+  return sums.get();
+}
+
 // columns [j0, j1) for rows 0..MR-1: panels of whole vectors, then scalar columns
 template <int MR>
 void columns(const float *x, const float *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t j1) {
-  alignas(64) static thread_local float acc[kMaxRows * kPanel];
+  float *acc = panel_sums();
+  const int64_t width = j1 - j0 >= kWideFrom ? kWidePanel : kNarrowPanel;
   int64_t j = j0;
-  for (; j + kLanes <= j1; j += kPanel) {
-    const int64_t P = std::min<int64_t>(kPanel, (j1 - j) / kLanes * kLanes);
+  for (; j + kLanes <= j1; j += width) {
+    const int64_t P = std::min<int64_t>(width, (j1 - j) / kLanes * kLanes);
     panel<MR>(x, w, y, K, N, j, P, acc);
-    if (P < kPanel) { j += P; break; }
+    if (P < width) { j += P; break; }
   }
   for (; j < j1; ++j)
     for (int m = 0; m < MR; ++m) {
@@ -106,6 +129,72 @@ int cpu_count() {
   return std::max(1, CPU_COUNT(&set));
 }
 
+// Worker threads that live for the process and sleep on a condition variable between calls (no
+// spinning beside MindSpore's own pool; a thread started per call cost ~0.3 ms per product in page
+// faults of its fresh stack and sums). One call at a time uses them: a call that finds them busy
+// (MindSpore may launch independent kernels at once) runs on its own thread.
+class Pool {
+ public:
+  explicit Pool(int workers) : pid_(getpid()) {
+    for (int id = 1; id <= workers; ++id) threads_.emplace_back([this, id] { Loop(id); });
+    for (auto &t : threads_) t.detach();
+  }
+  pid_t pid() const { return pid_; }
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+  std::mutex &busy() { return busy_; }
+
+  // fn(0) on the caller, fn(1..n-1) on workers; returns when all are done. Caller holds busy().
+  void Run(int n, const std::function<void(int)> &fn) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      active_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    start_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+  }
+
+ private:
+  void Loop(int id) {
+    int64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)> *fn;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        start_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (id >= active_) continue;
+        fn = job_;
+      }
+      (*fn)(id);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  pid_t pid_;
+  std::vector<std::thread> threads_;
+  std::mutex busy_, mutex_;
+  std::condition_variable start_, done_;
+  const std::function<void(int)> *job_ = nullptr;
+  int64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+};
+
+// The process's pool (rebuilt in a forked child, which has no copy of the parent's threads); never
+// destroyed, so exit does not wait on sleeping workers.
+Pool *pool() {
+  static std::mutex guard;
+  static Pool *current = nullptr;
+  std::lock_guard<std::mutex> lock(guard);
+  if (current == nullptr || current->pid() != getpid()) current = new Pool(cpu_count() - 1);
+  return current;
+}
+
 }  // namespace
 
 extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -121,33 +210,23 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
   const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   if (M == 0 || N == 0) return 0;
-  // one contiguous column range per thread, in whole 64-column blocks; a thread per 4 MB of weight, so
-  // small products (and the scalar tests) stay on the calling thread. A whole batch-8 decode step of
+  // a thread per 4 MB of weight, so small products (and the scalar tests) stay on the calling thread. A whole batch-8 decode step of
   // the bench model (idle 2-core machine) measured its decoder at 48.4 / 49.5 / 52.8 ms with a thread
   // per 1 / 4 / 32 MB (oneDNN: 46.8 ms); under load from other jobs fewer threads did better.
   const int64_t blocks = (N + 63) / 64;
   const int64_t per_thread = int64_t(4) << 20;
   const int64_t wanted = (K * N * int64_t(sizeof(float)) + per_thread - 1) / per_thread;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, cpu_count(), blocks})));
-  if (threads <= 1) {
+  Pool *workers = pool();
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, workers->size(), blocks})));
+  std::unique_lock<std::mutex> lock(workers->busy(), std::try_to_lock);
+  if (threads <= 1 || !lock.owns_lock()) {
     run(x, w, y, M, K, N, 0, N);
     return 0;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  auto range = [&](int t, int64_t *j0, int64_t *j1) {
-    *j0 = std::min(N, blocks * t / threads * 64);
-    *j1 = std::min(N, blocks * (t + 1) / threads * 64);
-  };
-  for (int t = 1; t < threads; ++t) {
-    int64_t j0, j1;
-    range(t, &j0, &j1);
-    pool.emplace_back(run, x, w, y, M, K, N, j0, j1);
-  }
-  int64_t j0, j1;
-  range(0, &j0, &j1);
-  run(x, w, y, M, K, N, j0, j1);
-  for (auto &th : pool) th.join();
+  // one contiguous column range per thread, in whole 64-column blocks
+  workers->Run(threads, [&](int t) {
+    run(x, w, y, M, K, N, std::min(N, blocks * t / threads * 64), std::min(N, blocks * (t + 1) / threads * 64));
+  });
   return 0;
 }
 
