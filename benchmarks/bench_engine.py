@@ -8,13 +8,13 @@ Both runs happen in this one process on one model (random weights, the bench con
 is measured under the same machine conditions. The requests mix three videos (the fixture video and
 two clips cut from it at other lengths and sizes) with text-only questions, all submitted at once.
 Printed: aggregate generated tokens/s and requests/min for each run and their ratio, p50/p95 time to
-first token, and the decode step time at batch 8 over batch 1 (median of repeated steps), with the
-same steps run without logits (no lm_head rows) beside them, so the step splits into decoder and lm_head,
-as shipped (auto: the rows kernel's graph for 2-16 rows, oneDNN for one) and all on ops.MatMul (onednn),
-interleaved. The engine runs use the config's decode_matmul (auto).
+first token, and the decode step time at batch 8 over batch 1 (medians of repeated steps), for every
+way the model can run a decode step, interleaved: as the engine ships (the slot cache written in place,
+the rows kernel), the functional cache extended by concat with the rows kernel (the engine before the
+slot cache; one row runs oneDNN) and with oneDNN only (the portable path). The engine runs use the
+config's kv_cache and decode_matmul (auto: slots and rows on CPU).
 """
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -84,48 +84,60 @@ def run(engine, requests) -> dict:
             "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95))}
 
 
-@contextlib.contextmanager
-def decode_matmul(model, kind: str):
-    """Run decode steps as shipped ("auto": the rows-kernel graph for 2-16 rows, oneDNN for one) or
-    all on the one step graph with ops.MatMul ("onednn"), so both are timed in one process."""
-    saved = model.decode_step
-    if kind == "onednn":
-        object.__setattr__(model, "decode_step", None)
-    try:
-        yield
-    finally:
-        object.__setattr__(model, "decode_step", saved)
-
-
-def step_times(model, batches: tuple, context: int, repeats: int, kinds=("auto",)) -> dict:
-    """{(kind, batch, with_logits): median seconds of one decode step} for ``batch`` rows with ``context``
-    cached tokens, with logits for every row or for none (decoder only), for each decode MatMul kind;
-    all interleaved. Also {"max_logit_diff": ...} between the kinds' logits."""
+def step_runners(model, batch: int, context: int) -> dict:
+    """{kind: () -> logits (batch, vocab)} for one decode step of ``batch`` rows with ``context`` cached
+    tokens each, every way the model can run it:
+    - "slots": the engine's step on the slot cache (kv_cache slots; rows kernel per decode_matmul);
+    - "concat+rows": the functional cache extended by concat, the rows kernel (the previous engine);
+    - "concat+onednn": the functional cache, every product on ops.MatMul (the portable path)."""
     from mindspore import Tensor, mutable
+    from cogvlm2.cogvlm2_kv_cache import SlotKVCache
     from cogvlm2.cogvlm2_token_types import causal_bias
     c = model.config
-    inputs = {}
-    for batch in batches:
-        cache = np.zeros((batch, c.num_multi_query_heads, context, c.head_dim), np.float32)
-        past = mutable(tuple(Tensor(cache) for _ in range(2 * c.num_hidden_layers)))
-        step = (np.full((batch, 1), 1000), None, np.zeros((batch, 1), np.int64), np.full((batch, 1), context),
-                causal_bias(np.ones((batch, context + 1), np.int64), context), past)
-        inputs[(batch, True)] = step + (np.arange(batch),)
-        inputs[(batch, False)] = step + (np.arange(0),)
-    times = {(kind,) + key: [] for kind in kinds for key in inputs}
+    past = mutable(tuple(Tensor(np.zeros((batch, c.num_multi_query_heads, context, c.head_dim), np.float32))
+                         for _ in range(2 * c.num_hidden_layers)))
+    tokens, positions = np.full((batch, 1), 1000), np.full((batch, 1), context)
+    step = (tokens, None, np.zeros((batch, 1), np.int64), positions,
+            causal_bias(np.ones((batch, context + 1), np.int64), context), past, np.arange(batch))
+    rows_graph = model.decode_step
+
+    def concat(graph):
+        def run():
+            saved = model.decode_step
+            object.__setattr__(model, "decode_step", graph)
+            try:
+                return model.run_step(*step)[0].asnumpy()
+            finally:
+                object.__setattr__(model, "decode_step", saved)
+        return run
+
+    runners = {}
+    if model.slot_step is not None:
+        cache = SlotKVCache(c, batch, capacity=context + 1)
+        cache_positions = np.full(batch, context)
+        runners["slots"] = lambda: model.run_slot_step(tokens, positions, cache, np.arange(batch),
+                                                       cache_positions).asnumpy()
+    if rows_graph is not None:
+        runners["concat+rows"] = concat(rows_graph)
+    runners["concat+onednn"] = concat(None)
+    return runners
+
+
+def step_times(model, batches: tuple, context: int, repeats: int) -> dict:
+    """{(kind, batch): median seconds of one decode step}, every kind and batch interleaved, and
+    {"max_logit_diff": ...} between the kinds' logits of the same inputs."""
+    runners = {batch: step_runners(model, batch, context) for batch in batches}
+    times = {(kind, batch): [] for batch in batches for kind in runners[batch]}
     last = {}
     for i in range(repeats + 2):
-        for key, step in inputs.items():
-            for kind in kinds:
-                with decode_matmul(model, kind):
-                    start = time.perf_counter()
-                    logits, _ = model.run_step(*step)
-                    last[(kind,) + key] = logits.asnumpy()
-                    if i >= 2:
-                        times[(kind,) + key].append(time.perf_counter() - start)
+        for (kind, batch) in times:
+            start = time.perf_counter()
+            last[(kind, batch)] = runners[batch][kind]()
+            if i >= 2:
+                times[(kind, batch)].append(time.perf_counter() - start)
     result = {key: statistics.median(t) for key, t in times.items()}
-    result["max_logit_diff"] = max(float(np.abs(last[(kinds[0],) + key] - last[(kind,) + key]).max(initial=0))
-                                   for kind in kinds for key in inputs)
+    result["max_logit_diff"] = max(float(np.abs(last[key] - last[(next(iter(runners[key[1]])), key[1])]).max())
+                                   for key in times)
     return result
 
 
@@ -151,8 +163,7 @@ def main():
                 results[label] = run(engine, requests)
                 stats = engine.snapshot()
                 results[label]["occupancy"] = stats.decode_rows / max(stats.decode_steps, 1)
-        kinds = ("auto", "onednn") if model.decode_step is not None else ("onednn",)
-        steps = step_times(model, (1, args.batch), 450, args.step_repeats, kinds)
+        steps = step_times(model, (1, args.batch), 450, args.step_repeats)
 
     print(f"{args.requests} requests ({args.requests // 2} with video: {len(videos)} videos; the rest text), "
           f"{args.new_tokens} new tokens each, submitted at once; bench config, random weights")
@@ -164,16 +175,12 @@ def main():
     sequential, batched = results.values()
     print(f"throughput ratio (batched / sequential): {batched['tokens_per_s'] / sequential['tokens_per_s']:.2f}x "
           "(target >= 4x)")
-    print(f"decode steps at 450 tokens of context, decode_matmul kinds interleaved "
-          f"(max |logits difference| between kinds {steps['max_logit_diff']:.2g}):")
-    for kind in kinds:
-        step1, step_b = steps[(kind, 1, True)], steps[(kind, args.batch, True)]
-        print(f"  {kind:7s} batch 1 {step1 * 1e3:.1f} ms, batch {args.batch} {step_b * 1e3:.1f} ms, "
+    print(f"decode step at 450 tokens of context, every way the model runs it, interleaved (max |logits "
+          f"difference| between them {steps['max_logit_diff']:.2g}); the engine runs the first:")
+    for kind in [key[0] for key in steps if isinstance(key, tuple) and key[1] == 1]:
+        step1, step_b = steps[(kind, 1)], steps[(kind, args.batch)]
+        print(f"  {kind:14s} batch 1 {step1 * 1e3:6.1f} ms, batch {args.batch} {step_b * 1e3:6.1f} ms, "
               f"ratio {step_b / step1:.2f}x (target <= 1.5x)")
-        dec1, dec_b = steps[(kind, 1, False)], steps[(kind, args.batch, False)]
-        print(f"          of which decoder (same steps without logits): batch 1 {dec1 * 1e3:.1f} ms, batch "
-              f"{args.batch} {dec_b * 1e3:.1f} ms, ratio {dec_b / dec1:.2f}x; lm_head: {(step1 - dec1) * 1e3:.1f} "
-              f"ms, {(step_b - dec_b) * 1e3:.1f} ms, ratio {(step_b - dec_b) / (step1 - dec1):.2f}x")
 
 
 if __name__ == "__main__":

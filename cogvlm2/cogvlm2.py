@@ -9,9 +9,14 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and a third for deco
   prefill (empty cache) and every decode step;
 - with ``decode_matmul`` rows (auto on CPU): the same step with the rows kernel in every decoder
   Linear and the lm_head (``decode_step``), which ``run_step`` uses for decode calls of 2-16
-  sequences (one token each): oneDNN re-reads each weight for 2-15 rows, the kernel once.
+  sequences (one token each): oneDNN re-reads each weight for 2-15 rows, the kernel once;
+- with ``kv_cache`` slots (auto on CPU): the decode step on the slot cache (``SlotDecodeStep``,
+  ``run_slot_step``): one token per sequence, written into its slot in place by the decode attention
+  kernel; one graph with ops.MatMul serves a single sequence, another with the rows kernel (when
+  ``decode_matmul`` gives it) 2-16 sequences, as for ``decode_step``.
 
-The Python methods (``__call__``, ``encode_video``, ``run_step``) prepare numpy inputs and call them.
+The Python methods (``__call__``, ``encode_video``, ``run_step``, ``run_slot_step``) prepare numpy
+inputs and call them.
 The network holds no request state: generation (``cogvlm2_generation``) and serving many requests
 (``cogvlm2_engine``) are layers above it that call ``encode_video`` and ``run_step``.
 """
@@ -27,11 +32,12 @@ from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model
-from cogvlm2.cogvlm2_rows_matmul import ROWS_PER_PASS, resolve_decode_matmul, rows_matmul_op
+from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, decode_attention_op, resolve_decode_matmul,
+                                         resolve_kv_cache, rows_matmul_op)
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
 
-__all__ = ["CogVLM2ForVideo", "CausalLMStep"]
+__all__ = ["CogVLM2ForVideo", "CausalLMStep", "SlotDecodeStep"]
 
 
 class CausalLMStep(nn.Cell):
@@ -43,7 +49,7 @@ class CausalLMStep(nn.Cell):
     logits_index (M, 1) int32 flat positions b*L + l -> logits (M, vocab) float32, new past.
 
     matmul: the product every decoder Linear and the lm_head use in this graph (None: ops.MatMul;
-    the decode step graph gets the rows kernel, see ``cogvlm2_rows_matmul``).
+    the decode step graph gets the rows kernel, see ``cogvlm2_cpu_kernels``).
     """
 
     def __init__(self, model: CogVLM2Model, lm_head: Linear, matmul=None):
@@ -59,6 +65,27 @@ class CausalLMStep(nn.Cell):
                                       bias, past, self.matmul)                     # (B*L, H)
         picked = ops.gather_nd(hidden, logits_index)                               # (M, H)
         return self.lm_head(picked, self.matmul).astype(ms.float32), new_past      # (M, vocab)
+
+
+class SlotDecodeStep(nn.Cell):
+    """One language token per sequence on the slot cache (``cogvlm2_kv_cache``): decoder + lm_head.
+
+    input_ids, position_ids (B, 1) int32; cache: 2*layers (S_slots, Hkv, C, d) float32, written in place
+    at (slots[b], cache_positions[b]); slots, cache_positions (B,) int32 -> logits (B, vocab) float32.
+    """
+
+    def __init__(self, model: CogVLM2Model, lm_head: Linear, attend, matmul=None):
+        super().__init__()
+        self.model = model
+        self.lm_head = lm_head
+        self.attend = attend
+        self.matmul = matmul
+
+    @ms.jit
+    def construct(self, input_ids, position_ids, cache, slots, cache_positions):
+        hidden = self.model.decode(input_ids, position_ids, cache, slots, cache_positions, self.attend,
+                                   self.matmul)                                    # (B, H)
+        return self.lm_head(hidden, self.matmul).astype(ms.float32)                # (B, vocab)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -81,12 +108,22 @@ class CogVLM2ForVideo(PreTrainedModel):
         # decode calls (one token per row, 2..ROWS_PER_PASS rows) get their own graph when
         # decode_matmul resolves to the rows kernel; None: the one step graph serves every call
         object.__setattr__(self, "decode_step", None)
+        # decode steps on the slot cache when kv_cache resolves to slots: slot_step (ops.MatMul) for one
+        # sequence, slot_rows_step (the rows kernel, when decode_matmul gives it) for 2..ROWS_PER_PASS;
+        # None: decode extends the functional cache through run_step
+        object.__setattr__(self, "slot_step", None)
+        object.__setattr__(self, "slot_rows_step", None)
         if compile_graphs:
             _check_device_dtype(config)
-            decode_matmul = resolve_decode_matmul(config.decode_matmul, ms.get_context("device_target"),
-                                                  config.compute_dtype)
-            if decode_matmul == "rows":
+            device = ms.get_context("device_target")
+            rows = resolve_decode_matmul(config.decode_matmul, device, config.compute_dtype) == "rows"
+            if rows:
                 object.__setattr__(self, "decode_step", CausalLMStep(self.model, self.lm_head, rows_matmul_op()))
+            if resolve_kv_cache(config.kv_cache, device, config.compute_dtype) == "slots":
+                object.__setattr__(self, "slot_step", SlotDecodeStep(self.model, self.lm_head, decode_attention_op()))
+                if rows:
+                    object.__setattr__(self, "slot_rows_step", SlotDecodeStep(self.model, self.lm_head,
+                                                                              decode_attention_op(), rows_matmul_op()))
             if config.is_dynamic:
                 self._declare_dynamic_inputs()
 
@@ -96,6 +133,17 @@ class CogVLM2ForVideo(PreTrainedModel):
         for step in (self.step, self.decode_step):
             if step is not None:
                 self._declare_step_inputs(step)
+        for step in (self.slot_step, self.slot_rows_step):
+            if step is None:
+                continue
+            c = self.config
+            slots = Tensor(shape=[None, c.num_multi_query_heads, None, c.head_dim], dtype=ms.float32)
+            step.set_inputs(
+                Tensor(shape=[None, 1], dtype=ms.int32),                         # input_ids
+                Tensor(shape=[None, 1], dtype=ms.int32),                         # position_ids
+                mutable(tuple(slots for _ in range(2 * c.num_hidden_layers))),   # cache
+                Tensor(shape=[None], dtype=ms.int32),                            # slots
+                Tensor(shape=[None], dtype=ms.int32))                            # cache_positions
 
     def _declare_step_inputs(self, step: CausalLMStep):
         c = self.config
@@ -192,6 +240,23 @@ class CogVLM2ForVideo(PreTrainedModel):
         decode = self.decode_step is not None and input_ids.shape[1] == 1 and 2 <= input_ids.shape[0] <= ROWS_PER_PASS
         step = self.decode_step if decode else self.step
         return step(*inputs, mutable(tuple(past)), Tensor(logits_index.reshape(-1, 1).astype(np.int32)))
+
+    def run_slot_step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache, slots: np.ndarray,
+                      cache_positions: np.ndarray) -> Tensor:
+        """One language token per sequence on the slot cache (a ``cogvlm2_kv_cache.SlotKVCache`` with room
+        for cache_positions + 1): input_ids, position_ids (B, 1); slots, cache_positions (B,), the slots
+        all different. Writes each token's keys and values into its slot; -> logits (B, vocab) Tensor.
+        One sequence runs ops.MatMul (oneDNN's mat-vec reads each weight once, and was 5% faster than the
+        rows kernel for a whole step), 2..ROWS_PER_PASS the rows kernel when there is one."""
+        if self.slot_step is None:
+            raise CogVLM2ConfigError("this model has no slot decode step (kv_cache resolved to concat)")
+        rows = len(slots) >= 2 and len(slots) <= ROWS_PER_PASS and self.slot_rows_step is not None
+        step = self.slot_rows_step if rows else self.slot_step
+        return step(Tensor(np.asarray(input_ids, np.int32).reshape(-1, 1)),
+                              Tensor(np.asarray(position_ids, np.int32).reshape(-1, 1)),
+                              mutable(tuple(cache.tensors)),
+                              Tensor(np.asarray(slots, np.int32).reshape(-1)),
+                              Tensor(np.asarray(cache_positions, np.int32).reshape(-1)))
 
     def hidden_states(self, input_ids, pixel_values=None, token_type_ids=None, position_ids=None,
                       vision_embeds=None) -> list:

@@ -11,7 +11,7 @@ from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
-from cogvlm2.cogvlm2_rows_matmul import DECODE_MATMUL_CHOICES
+from cogvlm2.cogvlm2_cpu_kernels import DECODE_MATMUL_CHOICES, KV_CACHE_CHOICES
 
 __all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]  # the error: re-exported
 
@@ -103,6 +103,7 @@ class CogVLM2Config(PretrainedConfig):
                  max_batch_size: int = 8,
                  vision_cache_mb: float = 512,
                  decode_matmul: str = "auto",
+                 kv_cache: str = "auto",
                  **kwargs):
         # mindformers YAML spellings of the same values
         num_hidden_layers = kwargs.pop("num_layers", num_hidden_layers)
@@ -146,11 +147,16 @@ class CogVLM2Config(PretrainedConfig):
         self.use_flash_attention = use_flash_attention
         self.max_batch_size = max_batch_size      # sequences the engine decodes together
         self.vision_cache_mb = vision_cache_mb    # bound of the engine's vision-embedding LRU cache
-        # the decode step's MatMul: "rows" = the rows kernel (cogvlm2_rows_matmul, float32 CPU), which
+        # the decode step's MatMul: "rows" = the rows kernel (cogvlm2_cpu_kernels, float32 CPU), which
         # reads each weight once for all <= 16 rows, where MindSpore 2.7.2's oneDNN re-reads it for
         # 2-15 rows (a batch-8 step cost 2-3.4x a batch-1 step); "onednn" = ops.MatMul; "auto" = rows
         # on CPU if it builds (g++), onednn elsewhere (Ascend). Prefill always uses ops.MatMul.
         self.decode_matmul = decode_matmul
+        # the engine's KV cache: "slots" = a slot per running sequence, written in place by the decode
+        # attention kernel (cogvlm2_kv_cache, float32 CPU); "concat" = the functional cache the step
+        # graph extends by concat (every backend; each step copies every row's cache); "auto" = slots
+        # on CPU if it builds, concat elsewhere. Prefill and cogvlm2.generate use the functional cache.
+        self.kv_cache = kv_cache
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------------
@@ -205,6 +211,8 @@ class CogVLM2Config(PretrainedConfig):
              f"vision_cache_mb {self.vision_cache_mb!r} must be a number >= 0 (0 turns the cache off)"),
             (self.decode_matmul in DECODE_MATMUL_CHOICES,
              f"decode_matmul {self.decode_matmul!r} must be one of {list(DECODE_MATMUL_CHOICES)}"),
+            (self.kv_cache in KV_CACHE_CHOICES,
+             f"kv_cache {self.kv_cache!r} must be one of {list(KV_CACHE_CHOICES)}"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),
         ]

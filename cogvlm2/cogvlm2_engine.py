@@ -14,10 +14,9 @@ Threads:
   (vision tower unless cached, prefill, first token) while the batch has room, then runs one decode
   step for every running sequence. A finished or cancelled sequence leaves at once.
 
-The batch KV cache is a tuple of 2*layers tensors (B, Hkv, S, d), left-padded: row b's valid columns
-are ``valid[b]``; a joining sequence's cache is padded to the batch's length (or the batch to its),
-and columns no row uses any more are trimmed when a sequence leaves. The step graph has dynamic
-B, L and S, so it is compiled once for every batch, prompt and cache size.
+The batch's KV cache (``cogvlm2_batch_cache``): on CPU a slot per running sequence, written in place by
+the decode step; elsewhere the functional cache, left-padded and extended by the step graph. Every
+graph has dynamic shapes, so each is compiled once for every batch, prompt and cache size.
 
 The vision-embedding cache (LRU, bounded in MB) is keyed by the file's content (or the frames'
 bytes) and the frame selection, so follow-up turns and repeated videos skip decoding and the tower.
@@ -33,14 +32,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from mindspore import Tensor, mutable, ops
+from mindspore import Tensor
 
+from cogvlm2.cogvlm2_batch_cache import decode_batch
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2Error, CogVLM2InputError
 from cogvlm2.cogvlm2_generation import (GenerationOptions, generation_defaults, new_token_budget, pick_next_tokens,
                                         stream_text)
 from cogvlm2.cogvlm2_loading import build_from_pretrained, build_from_yaml
 from cogvlm2.cogvlm2_lora import load_adapter
-from cogvlm2.cogvlm2_token_types import LANGUAGE_TOKEN_TYPE, causal_bias
+from cogvlm2.cogvlm2_kv_cache import SlotKVCache
+from cogvlm2.cogvlm2_token_types import causal_bias
 from cogvlm2.cogvlm2_video_io import check_media_path
 
 __all__ = ["CogVLM2Engine", "RequestHandle", "RequestOutput", "EngineClosedError"]
@@ -280,8 +281,7 @@ class CogVLM2Engine:
         self._preparing = 0
         self._live: set = set()                            # handles not finished yet
         self._running: List[_Sequence] = []
-        self._past = None                                   # tuple of 2*layers (B, Hkv, S, d)
-        self._valid = np.zeros((0, 0), dtype=bool)          # (B, S) columns that hold a token
+        self._batch = decode_batch(model, self.max_batch_size)   # the running rows' KV cache
         self._closing = False
         self._prep = ThreadPoolExecutor(max_workers=prep_workers, thread_name_prefix="cogvlm2-prep")
         self._thread = threading.Thread(target=self._loop, name="cogvlm2-model", daemon=True)
@@ -351,8 +351,9 @@ class CogVLM2Engine:
         return [handle.result() for handle in handles]
 
     def warmup(self):
-        """Compile every graph (vision, prefill/decode step, and the several-sequence decode step when
-        ``decode_matmul`` gives one), so the first requests are fast."""
+        """Compile every graph (vision, prefill/decode step, the several-sequence decode step when
+        ``decode_matmul`` gives one, the slot decode step when ``kv_cache`` does), so the first
+        requests are fast."""
         model = self.model
 
         def compile_graphs():
@@ -362,6 +363,10 @@ class CogVLM2Engine:
             model.run_step(np.zeros((rows, 1), np.int64), None, np.zeros((rows, 1), np.int64),
                            np.zeros((rows, 1), np.int64), causal_bias(np.ones((rows, 1), np.int64), 0),
                            model.empty_cache(rows), np.arange(rows))[0].asnumpy()
+            if model.slot_step is not None:                          # one sequence, and two
+                for count in (1, rows):
+                    model.run_slot_step(np.zeros((count, 1)), np.zeros((count, 1)), SlotKVCache(model.config, count, 1),
+                                        np.arange(count), np.zeros(count)).asnumpy()
         self.call_on_model_thread(compile_graphs)
         self.submit("warm up", max_new_tokens=2).result()
 
@@ -516,43 +521,23 @@ class CogVLM2Engine:
         if reason is not None:
             self._finish(handle, reason)
             return
-        self._join_batch(sequence, past, length)
-
-    def _join_batch(self, sequence: _Sequence, past, length: int):
-        """Add a prefilled sequence's cache (1, Hkv, length, d) to the batch cache, left-padded."""
-        if not self._running:
-            self._past, self._valid = tuple(past), np.ones((1, length), dtype=bool)
-        else:
-            width = self._valid.shape[1]
-            total = max(width, length)
-            batch = [_left_pad(t, total - width) for t in self._past]
-            new = [_left_pad(t, total - length) for t in past]
-            self._past = tuple(ops.concat((b, n), 0) for b, n in zip(batch, new))
-            valid = np.zeros((len(self._running) + 1, total), dtype=bool)
-            valid[:-1, total - width:] = self._valid
-            valid[-1, total - length:] = True
-            self._valid = valid
+        self._batch.join(past, length)
         self._running.append(sequence)
 
     def _decode_step(self):
         """One new token for every running sequence."""
-        model = self.model
         rows = self._running
         batch = len(rows)
         tokens = np.array([[s.last_token] for s in rows], dtype=np.int64)           # (B, 1)
         positions = np.array([[s.next_position] for s in rows], dtype=np.int64)     # (B, 1)
-        valid = np.concatenate([self._valid, np.ones((batch, 1), dtype=bool)], 1)   # (B, S + 1)
-        bias = causal_bias(valid.astype(np.int64), valid.shape[1] - 1)              # (B, 1, 1, S + 1)
         try:
-            logits, past = model.run_step(tokens, None, np.full((batch, 1), LANGUAGE_TOKEN_TYPE), positions,
-                                          bias, mutable(self._past), np.arange(batch))
-            logits = logits.asnumpy()                                                # (B, vocab)
+            logits = self._batch.step(tokens, positions)                             # (B, vocab)
         except Exception as error:  # pylint: disable=broad-except  (fail the batch, keep serving)
             for sequence in rows:
                 self._fail(sequence.handle, error)
-            self._running, self._past, self._valid = [], None, np.zeros((0, 0), dtype=bool)
+            self._running = []
+            self._batch.reset()
             return
-        self._past, self._valid = tuple(past), valid
         with self._cond:
             self.stats.decode_steps += 1
             self.stats.decode_rows += batch
@@ -578,16 +563,9 @@ class CogVLM2Engine:
             self._keep_rows(keep)
 
     def _keep_rows(self, keep: List[int]):
-        """Shrink the batch to the rows ``keep``, trimming cache columns no remaining row uses."""
+        """Shrink the batch to the rows ``keep`` (indices into the running rows)."""
         self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._past, self._valid = None, np.zeros((0, 0), dtype=bool)
-            return
-        valid = self._valid[keep]
-        first = int(np.argmax(valid.any(0)))            # leading columns that are padding in every row
-        index = Tensor(np.asarray(keep, dtype=np.int32))
-        self._past = tuple(ops.gather(t, index, 0)[:, :, first:] for t in self._past)
-        self._valid = valid[:, first:]
+        self._batch.keep(keep)
 
     def _emit(self, sequence: _Sequence, token: int):
         sequence.handle._push(token)
@@ -608,14 +586,6 @@ class CogVLM2Engine:
         with self._cond:
             self._live.discard(handle)
             self.stats.failed += 1
-
-
-def _left_pad(tensor, count: int):
-    """(B, H, S, d) -> (B, H, count + S, d) with zeros in front."""
-    if count == 0:
-        return tensor
-    b, h, _, d = tensor.shape
-    return ops.concat((ops.zeros((b, h, count, d), tensor.dtype), tensor), 2)
 
 
 def _checked_media(video, image):

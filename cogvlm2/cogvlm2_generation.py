@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from cogvlm2.cogvlm2_errors import CogVLM2InputError, ContextLengthError, GenerationOptionError
+from cogvlm2.cogvlm2_kv_cache import SlotKVCache
 from cogvlm2.cogvlm2_token_types import causal_bias
 
 __all__ = ["GenerationOptions", "GenerationOutput", "generate", "iter_tokens", "pick_next_tokens", "stream_text",
@@ -184,8 +185,10 @@ def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, positi
 
     All inputs are (B, L) numpy arrays, left-padded (attention_mask 0 on padding); vision_embeds holds
     the rows for the VISION tokens in row-major order, or None. With ``config.use_past`` (default)
-    each step runs only the new token against the KV cache; without it, the whole sequence is run
-    again every step (the reference's ``use_cache=False``; slow, for checking).
+    each step runs only the new token against the KV cache: the slot cache when the model has the slot
+    decode step (``kv_cache``: each row's prompt without its padding in a slot of its own), else the
+    functional cache; without it, the whole sequence is run again every step (the reference's
+    ``use_cache=False``; slow, for checking).
     """
     config = model.config
     batch, prompt_length = input_ids.shape
@@ -199,6 +202,12 @@ def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, positi
     last = np.arange(batch) * prompt_length + prompt_length - 1          # flat index of each last token
     logits, past = model.run_step(ids, vision_embeds, types, positions, causal_bias(mask, 0),
                                   model.empty_cache(batch), last)
+    slots, cache_positions = None, None
+    if config.use_past and model.slot_step is not None:                # decode on the slot cache
+        slots = SlotKVCache(config, batch, capacity=prompt_length + max_new)
+        arrays = [t.asnumpy() for t in past]
+        cache_positions = np.array([slots.store(b, arrays, b, np.flatnonzero(mask[b])) for b in range(batch)])
+        past = None
     finished = np.zeros(batch, dtype=bool)
     language = np.zeros((batch, 1), dtype=np.int64)
     for step in range(max_new):
@@ -215,7 +224,10 @@ def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, positi
         positions = np.concatenate([positions, next_position], 1)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
         length = ids.shape[1]
-        if config.use_past:
+        if slots is not None:
+            logits = model.run_slot_step(tokens[:, None], next_position, slots, np.arange(batch), cache_positions)
+            cache_positions = cache_positions + 1
+        elif config.use_past:
             logits, past = model.run_step(tokens[:, None], None, language, next_position,
                                           causal_bias(mask, length - 1), past, np.arange(batch))
         else:

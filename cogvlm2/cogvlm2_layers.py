@@ -46,7 +46,7 @@ class Linear(nn.Cell):
 
     ``construct(x, matmul=None)``: ``matmul`` is a primitive ``(x (N, in), W (in, out)) -> (N, out)``
     that replaces ``ops.MatMul`` for this call; the decode step graph passes the rows kernel
-    (``cogvlm2_rows_matmul``) down through the decoder, every other graph passes nothing.
+    (``cogvlm2_cpu_kernels``) down through the decoder, every other graph passes nothing.
     """
 
     transposed_in_checkpoint = ("weight",)

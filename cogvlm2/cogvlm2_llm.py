@@ -6,9 +6,13 @@ language_expert_query_key_value``, ``layers.N.mlp.language_mlp.gate_proj`` ...).
 from the config: the video model has only the language expert; the image model (CogVLM2-19B) adds
 ``vision_expert_*`` weights used by the tokens that ``cogvlm2_token_types.vision_expert_mask`` marks.
 
-The KV cache is functional: each layer takes its past keys/values (B, Hkv, S, d) and returns them with
-the new ones appended, so one compiled graph with dynamic B, L and S serves prefill (S = 0) and every
-decode step.
+Two ways to run it:
+- ``construct``: the functional KV cache. Each layer takes its past keys/values (B, Hkv, S, d) and
+  returns them with the new ones appended, so one compiled graph with dynamic B, L and S serves prefill
+  (S = 0) and every decode step, on every backend.
+- ``decode``: one new (language) token per sequence against a slot cache (S_slots, Hkv, C, d) per layer,
+  which the ``attend`` kernel writes this token into in place before attending (``cogvlm2_kv_cache``,
+  ``cogvlm2_cpu_kernels.decode_attention_op``): no per-step copy of the cache.
 """
 import numpy as np
 import mindspore as ms
@@ -98,6 +102,21 @@ class VisionExpertAttention(nn.Cell):
             dense = _route(expert_mask, dense, self.vision_expert_dense(out, matmul))
         return dense, key, value
 
+    def decode(self, x, rope_q, rope_k, key_cache, value_cache, slots, cache_positions, attend, matmul=None):
+        """x: (B, H), one language token per sequence -> (B, H). key_cache/value_cache: the slot cache
+        (S_slots, Hkv, C, d); this token's key and value go to (slots[b], cache_positions[b]), which
+        ``attend`` does in place before attending over each slot's positions 0..cache_positions[b]."""
+        b = x.shape[0]
+        qkv = self.language_expert_query_key_value(x, matmul)                    # (B, H + 2*kv)
+        q = apply_rotary(self._heads(qkv[:, :self.hidden_size], self.num_heads, b, 1), rope_q)
+        k = apply_rotary(self._heads(qkv[:, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads,
+                                     b, 1), rope_k)
+        v = qkv[:, self.hidden_size + self.kv_size:]
+        out = attend((q * self.scale).reshape(b, self.num_heads, self.head_dim),
+                     k.reshape(b, self.num_kv_heads, self.head_dim), v.reshape(b, self.num_kv_heads, self.head_dim),
+                     key_cache, value_cache, slots, cache_positions)             # (B, Hq, d)
+        return self.language_expert_dense(out.reshape(b, self.hidden_size), matmul)
+
 
 class LlamaMLP(nn.Cell):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
@@ -144,6 +163,12 @@ class CogVLMDecoderLayer(nn.Cell):
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h), expert_mask, matmul), key, value
 
+    def decode(self, x, rope_q, rope_k, key_cache, value_cache, slots, cache_positions, attend, matmul=None):
+        """One language token per sequence, x: (B, H) -> (B, H), on the slot cache (see the attention's)."""
+        h = x + self.self_attn.decode(self.input_layernorm(x), rope_q, rope_k, key_cache, value_cache, slots,
+                                      cache_positions, attend, matmul)
+        return h + self.mlp.language_mlp(self.post_attention_layernorm(h), matmul)
+
 
 class CogVLM2Model(nn.Cell):
     """HF ``model``: token embeddings, vision tower, decoder layers, final norm.
@@ -177,12 +202,17 @@ class CogVLM2Model(nn.Cell):
         x = self.embed_tokens(input_ids.reshape(-1)).astype(self.compute_dtype)   # (B*L, H)
         return ops.tensor_scatter_update(x, vision_index, vision_embeds.astype(self.compute_dtype))
 
-    def layer_inputs(self, position_ids, bias):
-        """What every layer shares: rotary angles expanded to the q and k heads, and the attention
-        bias (B, 1, L, S) in the grouped-score layout."""
+    def rope(self, position_ids):
+        """Rotary angles at position_ids (B, L), expanded to the q and the k heads: (cos, sin) each
+        (B, heads, L, d)."""
         cos, sin = self.rotary_emb(position_ids)
-        rope_q = expand_rotary(cos, sin, self.num_heads, self.compute_dtype)
-        rope_k = expand_rotary(cos, sin, self.num_kv_heads, self.compute_dtype)
+        return (expand_rotary(cos, sin, self.num_heads, self.compute_dtype),
+                expand_rotary(cos, sin, self.num_kv_heads, self.compute_dtype))
+
+    def layer_inputs(self, position_ids, bias):
+        """What every layer shares: the rotary angles and the attention bias (B, 1, L, S) in the
+        grouped-score layout."""
+        rope_q, rope_k = self.rope(position_ids)
         return rope_q, rope_k, grouped_bias(bias.astype(ms.float32), self.num_kv_heads, self.group)
 
     def trace(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias):
@@ -210,3 +240,16 @@ class CogVLM2Model(nn.Cell):
                                            matmul)
             new_past = new_past + (key, value)
         return self.norm(x), new_past
+
+    def decode(self, input_ids, position_ids, cache, slots, cache_positions, attend, matmul=None):
+        """One language token per sequence on the slot cache -> final-norm hidden states (B, H).
+
+        input_ids, position_ids (B, 1); cache: 2 * layers slot tensors (S_slots, Hkv, C, d), (k0, v0, k1,
+        ...); slots, cache_positions (B,) int32: each row's slot and where its token goes there.
+        """
+        x = self.embed_tokens(input_ids.reshape(-1)).astype(self.compute_dtype)   # (B, H)
+        rope_q, rope_k = self.rope(position_ids)
+        for i in range(self.num_layers):
+            x = self.layers[i].decode(x, rope_q, rope_k, cache[2 * i], cache[2 * i + 1], slots, cache_positions,
+                                      attend, matmul)
+        return self.norm(x)

@@ -23,9 +23,11 @@ HIST_QUERY = "What happens next?"
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
 
 
-@pytest.fixture(scope="module")
-def engine():
-    with CogVLM2Engine.from_pretrained(TINY, max_batch_size=4) as eng:
+@pytest.fixture(scope="module", params=["slots", "concat"])
+def engine(request):
+    """Both batch KV caches: the CPU slot cache (written in place) and the portable functional one."""
+    with CogVLM2Engine.from_pretrained(TINY, max_batch_size=4, kv_cache=request.param) as eng:
+        assert (eng.model.slot_step is not None) == (request.param == "slots")
         yield eng
 
 
@@ -87,12 +89,15 @@ def test_step_graph_compiles_once_across_batches(engine):
                     max_new_tokens=3)
     assert len(engine.model.model.vision.compile_cache) == vision_graphs
     assert len(engine.model.step.compile_cache) == 1
-    decode_step = engine.model.decode_step                 # several-sequence decode (decode_matmul)
-    assert decode_step is None or len(decode_step.compile_cache) == 1
+    for step in (engine.model.decode_step,                 # several-sequence decode (decode_matmul)
+                 engine.model.slot_step,                   # the slot-cache decode (kv_cache): one sequence
+                 engine.model.slot_rows_step):             # and several
+        assert step is None or len(step.compile_cache) == 1
 
 
-def test_cancel_frees_the_slot_and_leaves_the_others_alone(golden):
-    with CogVLM2Engine.from_pretrained(TINY, max_batch_size=2) as eng:
+@pytest.mark.parametrize("kv_cache", ["slots", "concat"])
+def test_cancel_frees_the_slot_and_leaves_the_others_alone(golden, kv_cache):
+    with CogVLM2Engine.from_pretrained(TINY, max_batch_size=2, kv_cache=kv_cache) as eng:
         keep = eng.submit(PROMPT, video=VIDEO, max_new_tokens=20)
         doomed = eng.submit(PROMPT, max_new_tokens=200)
         wait_for_tokens(doomed, 3)

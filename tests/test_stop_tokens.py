@@ -54,9 +54,12 @@ def processor():
 
 
 def count_steps(model, monkeypatch):
+    """Shapes of the token ids of every forward pass: prefill and functional-cache decode (run_step),
+    slot-cache decode (run_slot_step)."""
     calls = []
-    original = model.run_step
-    monkeypatch.setattr(model, "run_step", lambda *a: calls.append(a[0].shape) or original(*a))
+    for name in ("run_step", "run_slot_step"):
+        original = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, original=original: calls.append(a[0].shape) or original(*a))
     return calls
 
 
@@ -96,18 +99,13 @@ def test_other_stop_ids_are_not_stops(model, processor, golden):
     assert tokens[TEXT_STOP_STEP] == EOT and len(tokens) == 12      # EOT emitted, but not a stop here
 
 
-def test_engine_stops_streams_and_frees_the_slot(model, processor, golden, meta):
-    calls = []
+def test_engine_stops_streams_and_frees_the_slot(model, processor, golden, meta, monkeypatch):
     with CogVLM2Engine(model, processor, max_batch_size=1) as engine:
-        original = model.run_step
-        model.run_step = lambda *a: calls.append(a[0].shape) or original(*a)
-        try:
-            video = engine.submit(PROMPT, video=VIDEO, max_new_tokens=20)
-            text = engine.submit(PROMPT, max_new_tokens=20)        # waits for the only slot
-            pieces = list(video)
-            first, second = video.result(120), text.result(120)
-        finally:
-            del model.run_step
+        calls = count_steps(model, monkeypatch)
+        video = engine.submit(PROMPT, video=VIDEO, max_new_tokens=20)
+        text = engine.submit(PROMPT, max_new_tokens=20)        # waits for the only slot
+        pieces = list(video)
+        first, second = video.result(120), text.result(120)
         assert engine.snapshot().running == 0
     assert first.new_tokens == expected(golden, "gen_new_tokens", VIDEO_STOP_STEP, EOS)
     assert first.finish_reason == "stop" and second.finish_reason == "stop"

@@ -12,25 +12,18 @@
 // Built by cogvlm2/cogvlm2_rows_matmul.py (g++ -O3 -march=native -std=c++17 -shared -fPIC -pthread).
 #include <algorithm>
 #include <cstdint>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
-#include <sched.h>
-#include <unistd.h>
+
+#include "cpu_common.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));   // unaligned loads
+using cogvlm2::kLanes;
+using cogvlm2::vec;
+
 constexpr int kMaxRows = 16;
 
 // A panel of columns [j0, j0 + P) for MR rows: the partial sums of the panel live in `acc` (MR x P
@@ -123,78 +116,6 @@ void run(const float *x, const float *w, float *y, int64_t M, int64_t K, int64_t
   }
 }
 
-int cpu_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
-  return std::max(1, CPU_COUNT(&set));
-}
-
-// Worker threads that live for the process and sleep on a condition variable between calls (no
-// spinning beside MindSpore's own pool; a thread started per call cost ~0.3 ms per product in page
-// faults of its fresh stack and sums). One call at a time uses them: a call that finds them busy
-// (MindSpore may launch independent kernels at once) runs on its own thread.
-class Pool {
- public:
-  explicit Pool(int workers) : pid_(getpid()) {
-    for (int id = 1; id <= workers; ++id) threads_.emplace_back([this, id] { Loop(id); });
-    for (auto &t : threads_) t.detach();
-  }
-  pid_t pid() const { return pid_; }
-  int size() const { return static_cast<int>(threads_.size()) + 1; }
-  std::mutex &busy() { return busy_; }
-
-  // fn(0) on the caller, fn(1..n-1) on workers; returns when all are done. Caller holds busy().
-  void Run(int n, const std::function<void(int)> &fn) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &fn;
-      active_ = n;
-      pending_ = n - 1;
-      ++generation_;
-    }
-    start_.notify_all();
-    fn(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-  }
-
- private:
-  void Loop(int id) {
-    int64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)> *fn;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        start_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (id >= active_) continue;
-        fn = job_;
-      }
-      (*fn)(id);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  pid_t pid_;
-  std::vector<std::thread> threads_;
-  std::mutex busy_, mutex_;
-  std::condition_variable start_, done_;
-  const std::function<void(int)> *job_ = nullptr;
-  int64_t generation_ = 0;
-  int active_ = 0, pending_ = 0;
-};
-
-// The process's pool (rebuilt in a forked child, which has no copy of the parent's threads); never
-// destroyed, so exit does not wait on sleeping workers.
-Pool *pool() {
-  static std::mutex guard;
-  static Pool *current = nullptr;
-  std::lock_guard<std::mutex> lock(guard);
-  if (current == nullptr || current->pid() != getpid()) current = new Pool(cpu_count() - 1);
-  return current;
-}
-
 }  // namespace
 
 extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -210,13 +131,14 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
   const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   if (M == 0 || N == 0) return 0;
-  // a thread per 4 MB of weight, so small products (and the scalar tests) stay on the calling thread. A whole batch-8 decode step of
-  // the bench model (idle 2-core machine) measured its decoder at 48.4 / 49.5 / 52.8 ms with a thread
-  // per 1 / 4 / 32 MB (oneDNN: 46.8 ms); under load from other jobs fewer threads did better.
+  // a thread per 1 MB of weight, so small products (and the scalar tests) stay on the calling thread.
+  // With the pool a worker costs a wake-up, not a thread start: whole slot decode steps of the bench
+  // model (loaded machine, interleaved) took 85.8 / 74.5 / 85.7 ms at batch 1 and 96.1 / 89.4 / 100.3
+  // ms at batch 8 with a thread per 4 MB / 1 MB / 256 KB.
   const int64_t blocks = (N + 63) / 64;
-  const int64_t per_thread = int64_t(4) << 20;
+  const int64_t per_thread = int64_t(1) << 20;
   const int64_t wanted = (K * N * int64_t(sizeof(float)) + per_thread - 1) / per_thread;
-  Pool *workers = pool();
+  cogvlm2::Pool *workers = cogvlm2::pool();
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, workers->size(), blocks})));
   std::unique_lock<std::mutex> lock(workers->busy(), std::try_to_lock);
   if (threads <= 1 || !lock.owns_lock()) {

@@ -1,0 +1,175 @@
+"""The decode step's CPU kernels: MindSpore "aot" Custom ops built from ``kernels/*.cc`` into one library.
+
+- ``rows_matmul_op()``: ``x (M, K) @ w (K, N)`` streaming each weight once for up to 16 rows
+  (``kernels/rows_matmul.cc``). MindSpore 2.7.2's CPU MatMul (oneDNN 2.2 gemm) reads the weight once
+  only for a single row; for 2-15 rows it packs or re-reads it, so a memory-bound decode step of 8
+  sequences cost 2-3.4x that of one (README, "Batched decode and the CPU MatMul kernels"). Used only by
+  the decode graphs, never for prefill, where oneDNN's GEMM is the right kernel.
+- ``decode_attention_op()``: one decode token per row against the slot KV cache, written in place
+  (``kernels/decode_attention.cc``, ``cogvlm2_kv_cache``): the functional cache's concat copied every
+  row's whole cache every step, the largest cost that grew with the batch.
+- ``resolve_decode_matmul`` / ``resolve_kv_cache``: a config value -> what runs ("auto": the kernels on a
+  float32 CPU model when they build, the portable ops elsewhere).
+
+The library is compiled with g++ at first use into a per-user cache, named by a hash of the sources,
+flags, compiler and CPU, and renamed into place atomically, so concurrent first uses and other machines
+sharing a home cannot clash. A build failure is one CogVLM2ConfigError line (which compiler, the first
+error line, what to set).
+"""
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
+
+__all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "ROWS_PER_PASS", "resolve_decode_matmul", "resolve_kv_cache",
+           "rows_matmul_op", "decode_attention_op", "build_library"]
+
+DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
+KV_CACHE_CHOICES = ("auto", "concat", "slots")
+ROWS_PER_PASS = 16          # rows the kernel keeps in registers per pass over the weight (kMaxRows)
+KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+SOURCES = tuple(os.path.join(KERNELS, name) for name in ("rows_matmul.cc", "decode_attention.cc"))
+HEADERS = (os.path.join(KERNELS, "cpu_common.h"),)
+# -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
+# No OpenMP: the kernels' few worker threads sleep on a condition variable between calls, so nothing
+# spins beside MindSpore's own thread pool.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FIX = "set model_config decode_matmul: onednn and kv_cache: concat to run without it"
+
+_logger = logging.getLogger(__name__)
+_ops = {}
+
+
+def cache_dir() -> str:
+    """Per-user folder for compiled kernels ($COGVLM2_CACHE, else $XDG_CACHE_HOME or ~/.cache, /cogvlm2)."""
+    root = os.environ.get("COGVLM2_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cogvlm2")
+    return os.path.join(root, "kernels")
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise CogVLM2ConfigError(f"the CPU decode kernels need a C++ compiler, but {compiler!r} is not on PATH; "
+                                 f"install g++ (apt-get install -y g++) or {FIX}")
+    return compiler
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build_library() -> str:
+    """Compile ``kernels/*.cc`` into one library unless the cache has it; -> the .so path."""
+    compiler = _compiler()
+    contents = []
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            contents.append(f.read())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(b"\0".join(contents + [" ".join(FLAGS).encode(), version.encode(),
+                                                _cpu_flags().encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    path = os.path.join(folder, f"cogvlm2_kernels-{key}.so")
+    if os.path.isfile(path):
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
+        os.close(fd)
+    except OSError as error:
+        raise CogVLM2ConfigError(f"cannot write the compiled decode kernels to {folder}: {error.strerror}; "
+                                 f"set COGVLM2_CACHE to a writable folder or {FIX}") from None
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-I", KERNELS, "-o", tmp, *SOURCES], capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
+            raise CogVLM2ConfigError(f"{compiler} could not build the CPU decode kernels: {first.strip()[:300]}; "
+                                     f"{FIX}")
+        os.replace(tmp, path)          # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _custom(name: str, inputs, output_dtype):
+    """The Custom primitive ``name`` of the library, built once per process. ``inputs``: (name, DataType)
+    pairs. Output shapes come from the library's ``<name>InferShape``, which the dynamic-shape runtime
+    needs (a Python out_shape fails there with "The prim is not a PrimitivePy"); reg_info names the op,
+    which that runtime looks the op up by (without it: "The pointer[value] is null")."""
+    if name not in _ops:
+        import mindspore as ms
+        from mindspore import ops
+        from mindspore.ops import CustomRegOp, DataType
+        library = build_library()
+        reg = CustomRegOp(name)
+        for index, (input_name, _) in enumerate(inputs):
+            reg = reg.input(index, input_name)
+        formats = [dtype for _, dtype in inputs] + [DataType.F32_Default]
+        info = reg.output(0, "y").dtype_format(*formats).target("CPU").get_op_info()
+        _ops[name] = ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=output_dtype or ms.float32,
+                                func_type="aot", reg_info=info)
+    return _ops[name]
+
+
+def rows_matmul_op():
+    """``(x (M, K), w (K, N)) -> (M, N)`` float32, dynamic shapes (``kernels/rows_matmul.cc``)."""
+    from mindspore.ops import DataType
+    return _custom("RowsMatMul", [("x", DataType.F32_Default), ("w", DataType.F32_Default)], None)
+
+
+def decode_attention_op():
+    """``(q (B, Hq, d), k, v (B, Hkv, d), k_cache, v_cache (S, Hkv, C, d), slots (B,), positions (B,))
+    -> (B, Hq, d)`` float32: writes k, v into the caches at (slot, position), then attends over each
+    slot's positions 0..position (``kernels/decode_attention.cc``)."""
+    from mindspore.ops import DataType
+    f32, i32 = DataType.F32_Default, DataType.I32_Default
+    return _custom("DecodeAttention", [("q", f32), ("k", f32), ("v", f32), ("k_cache", f32), ("v_cache", f32),
+                                       ("slots", i32), ("positions", i32)], None)
+
+
+def resolve_decode_matmul(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
+    """The config value -> "rows" (``rows_matmul_op``) or "onednn" (ops.MatMul)."""
+    return _resolve("decode_matmul", choice, DECODE_MATMUL_CHOICES, "rows", "onednn", rows_matmul_op,
+                    device_target, compute_dtype)
+
+
+def resolve_kv_cache(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
+    """The config value -> "slots" (the engine's in-place slot cache with ``decode_attention_op``) or
+    "concat" (the functional cache every backend runs)."""
+    return _resolve("kv_cache", choice, KV_CACHE_CHOICES, "slots", "concat", decode_attention_op,
+                    device_target, compute_dtype)
+
+
+def _resolve(key, choice, choices, kernel, portable, build, device_target, compute_dtype) -> str:
+    """``kernel`` is float32 CPU only; "auto" picks it there and falls back to ``portable`` (with a warning
+    naming why) only if the library cannot be built."""
+    if choice not in choices:
+        raise CogVLM2ConfigError(f"{key} {choice!r} must be one of {list(choices)}")
+    if choice == portable:
+        return portable
+    supported = device_target == "CPU" and compute_dtype == "float32"
+    if choice == kernel:
+        if not supported:
+            raise CogVLM2ConfigError(f"{key} {kernel!r} is a float32 CPU kernel; device {device_target} with "
+                                     f"compute_dtype {compute_dtype} needs {key}: {portable} or auto")
+        build()
+        return kernel
+    if not supported:
+        return portable
+    try:
+        build()
+    except CogVLM2ConfigError as error:
+        _logger.warning("%s auto: using %s: %s", key, portable, error)
+        return portable
+    return kernel

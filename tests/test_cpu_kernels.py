@@ -1,0 +1,251 @@
+"""The CPU decode kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode
+they run in: the rows kernel, and the decode attention on the slot cache (written in place, read back
+by the next step); the slot decode step against the functional step; build errors and config choices."""
+import os
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn
+
+from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
+from cogvlm2.cogvlm2_cpu_kernels import decode_attention_op, resolve_decode_matmul, resolve_kv_cache, rows_matmul_op
+from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, ContextLengthError
+from cogvlm2.cogvlm2_kv_cache import SlotKVCache
+
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+
+class Product(nn.Cell):
+    """``rows(f(x), W)`` in one graph with a dynamic row count; f makes the operand non-contiguous in
+    the source (a transpose or a column slice) so the graph hands the kernel a materialised view."""
+
+    def __init__(self, weight, view):
+        super().__init__()
+        self.weight = Parameter(Tensor(weight), name="weight")
+        self.view = view
+        self.rows = rows_matmul_op()
+
+    def construct(self, x):
+        if self.view == "transpose":
+            x = x.T                                  # (K, M) -> (M, K)
+        elif self.view == "slice":
+            x = x[:, 1:-1]                           # (M, K + 2) -> (M, K)
+        return self.rows(x, self.weight)
+
+
+def tolerance(x, w):
+    """|float32 result - exact| <= K * eps32 * sum_k |x_mk w_kn| (+ the rounding of the output): the
+    standard bound for a length-K float32 dot product, whatever order the terms are added in. The rows
+    kernel adds in k order, so its error stays well inside this; a wrong element or row is far outside."""
+    k = x.shape[1]
+    return k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)) + 1e-30
+
+
+@pytest.mark.parametrize("k, n", [(64, 48), (37, 203), (1024, 1536), (300, 16 * 3 + 5)])
+@pytest.mark.parametrize("view", ["contiguous", "transpose", "slice"])
+def test_rows_kernel_matches_float64(k, n, view):
+    rng = np.random.default_rng(k * n)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    cell = Product(w, view)
+    shape = {"contiguous": [None, k], "transpose": [k, None], "slice": [None, k + 2]}[view]
+    cell.set_inputs(Tensor(shape=shape, dtype=ms.float32))
+    for m in (1, 2, 3, 5, 8, 13, 16, 17, 33):      # register blocks 1..16 and the passes beyond 16 rows
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        given = {"contiguous": x, "transpose": np.ascontiguousarray(x.T),
+                 "slice": np.pad(x, ((0, 0), (1, 1)), constant_values=np.nan)}[view]
+        got = cell(Tensor(given)).asnumpy()
+        exact = x.astype(np.float64) @ w.astype(np.float64)
+        assert got.shape == (m, n)
+        assert np.all(np.abs(got - exact) <= tolerance(x, w)), (m, np.abs(got - exact).max())
+
+
+@pytest.mark.parametrize("resolve, key, kernel, portable", [(resolve_decode_matmul, "decode_matmul", "rows", "onednn"),
+                                                           (resolve_kv_cache, "kv_cache", "slots", "concat")])
+def test_unknown_choice_and_device_are_one_clear_error(resolve, key, kernel, portable):
+    with pytest.raises(CogVLM2ConfigError, match=f"{key} 'fast' must be one of"):
+        resolve("fast", "CPU")
+    with pytest.raises(CogVLM2ConfigError, match=f"{key} '{kernel}' is a float32 CPU kernel"):
+        resolve(kernel, "Ascend", "bfloat16")
+    assert resolve("auto", "Ascend", "bfloat16") == portable
+    assert resolve(portable, "CPU") == portable
+    assert resolve("auto", "CPU") == kernel
+
+
+def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
+    broken = tmp_path / "rows_matmul.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels_module, "SOURCES", (str(broken),))
+    monkeypatch.setenv("COGVLM2_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CogVLM2ConfigError) as info:
+        kernels_module.build_library()
+    message = str(info.value)
+    assert "\n" not in message and "rows_matmul.cc" in message
+    assert "decode_matmul: onednn and kv_cache: concat" in message
+    assert not any(name.endswith(".so") or ".tmp" in name for name in os.listdir(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(CogVLM2ConfigError, match="'no-such-compiler-xyz' is not on PATH"):
+        kernels_module.build_library()
+
+
+def test_build_is_cached_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGVLM2_CACHE", str(tmp_path))
+    first = kernels_module.build_library()
+    assert os.path.isfile(first) and os.path.dirname(first) == str(tmp_path / "kernels")
+    mtime = os.path.getmtime(first)
+    assert kernels_module.build_library() == first and os.path.getmtime(first) == mtime
+
+
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_chat")
+
+
+def test_decode_calls_of_several_rows_use_the_rows_graph_and_match_the_onednn_step():
+    from cogvlm2 import CogVLM2ForVideo
+    from cogvlm2.cogvlm2_token_types import causal_bias
+    assert CogVLM2ForVideo.from_pretrained(TINY, decode_matmul="onednn").decode_step is None
+    model = CogVLM2ForVideo.from_pretrained(TINY)            # auto: rows on CPU
+    assert model.decode_step is not None
+    rng = np.random.default_rng(0)
+    batch, length = 3, 6
+    ids = rng.integers(0, 1000, (batch, length))
+    positions = np.tile(np.arange(length), (batch, 1))
+    _, past = model.run_step(ids, None, np.zeros_like(ids), positions, causal_bias(np.ones_like(ids), 0),
+                             model.empty_cache(batch), np.arange(batch) * length + length - 1)
+    calls = []
+    decode_step = model.decode_step
+    object.__setattr__(model, "decode_step", lambda *a: calls.append(a[0].shape) or decode_step(*a))
+    step = (rng.integers(0, 1000, (batch, 1)), None, np.zeros((batch, 1), np.int64), np.full((batch, 1), length),
+            causal_bias(np.ones((batch, length + 1), np.int64), length), past, np.arange(batch))
+    rows_logits = model.run_step(*step)[0].asnumpy()
+    assert calls == [(batch, 1)]
+    model.run_step(*[a[:1] if isinstance(a, np.ndarray) else a for a in step[:5]],
+                   tuple(p[:1] for p in past), np.arange(1))
+    assert calls == [(batch, 1)]                             # one row stays on the oneDNN step graph
+    object.__setattr__(model, "decode_step", None)
+    onednn_logits = model.run_step(*step)[0].asnumpy()
+    np.testing.assert_allclose(rows_logits, onednn_logits, rtol=0, atol=1e-6)
+
+
+class SlotAttention(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.attend = decode_attention_op()
+
+    def construct(self, q, k, v, k_cache, v_cache, slots, positions):
+        return self.attend(q, k, v, k_cache, v_cache, slots, positions)
+
+
+def reference_attention(q, k_cache, v_cache, slots, positions):
+    """float64: query head h of row b over positions 0..positions[b] of kv head h // group in its slot."""
+    b, hq, _ = q.shape
+    group = hq // k_cache.shape[1]
+    out = np.zeros(q.shape)
+    for row in range(b):
+        for h in range(hq):
+            keys = k_cache[slots[row], h // group, :positions[row] + 1].astype(np.float64)
+            values = v_cache[slots[row], h // group, :positions[row] + 1].astype(np.float64)
+            scores = keys @ q[row, h].astype(np.float64)
+            p = np.exp(scores - scores.max())
+            out[row, h] = (p / p.sum()) @ values
+    return out
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 8), (16, 4, 64), (6, 6, 20)])
+def test_decode_attention_writes_in_place_and_matches_float64(hq, hkv, d):
+    rng = np.random.default_rng(hq * d)
+    cell = SlotAttention()
+    cell.set_inputs(Tensor(shape=[None, hq, d], dtype=ms.float32), Tensor(shape=[None, hkv, d], dtype=ms.float32),
+                    Tensor(shape=[None, hkv, d], dtype=ms.float32),
+                    Tensor(shape=[None, hkv, None, d], dtype=ms.float32),
+                    Tensor(shape=[None, hkv, None, d], dtype=ms.float32),
+                    Tensor(shape=[None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32))
+    slots_total, capacity = 5, 700
+    k_cache = rng.standard_normal((slots_total, hkv, capacity, d), dtype=np.float32)
+    v_cache = rng.standard_normal((slots_total, hkv, capacity, d), dtype=np.float32)
+    k_tensor, v_tensor = Tensor.from_numpy(k_cache), Tensor.from_numpy(v_cache)
+    # 1 row at position 0, then rows of mixed lengths (the long ones take the kernel's second thread)
+    for slots, positions in (([3], [0]), ([4, 0, 2], [17, 650, 1]), ([1, 2, 0, 3, 4], [5, 2, 651, 300, 18])):
+        slots, positions = np.array(slots, np.int32), np.array(positions, np.int32)
+        rows = len(slots)
+        q = rng.standard_normal((rows, hq, d), dtype=np.float32)
+        k = rng.standard_normal((rows, hkv, d), dtype=np.float32)
+        v = rng.standard_normal((rows, hkv, d), dtype=np.float32)
+        untouched = k_cache.copy()
+        got = cell(Tensor(q), Tensor(k), Tensor(v), k_tensor, v_tensor, Tensor(slots), Tensor(positions)).asnumpy()
+        for row in range(rows):                 # this step's key and value landed in the engine's arrays
+            np.testing.assert_array_equal(k_cache[slots[row], :, positions[row]], k[row])
+            np.testing.assert_array_equal(v_cache[slots[row], :, positions[row]], v[row])
+            untouched[slots[row], :, positions[row]] = k[row]
+        np.testing.assert_array_equal(k_cache, untouched)       # and nothing else moved
+        exact = reference_attention(q, k_cache, v_cache, slots, positions)
+        # a convex combination of v rows: float32 error ~ (length * eps) * max |v|
+        bound = (positions.max() + 1) * np.finfo(np.float32).eps * np.abs(v_cache).max() * 4
+        assert np.abs(got - exact).max() <= bound, np.abs(got - exact).max()
+
+
+def test_slot_cache_grows_and_stores_prefills():
+    from cogvlm2 import CogVLM2Config
+    config = CogVLM2Config(hidden_size=64, num_attention_heads=4, num_multi_query_heads=2, num_hidden_layers=2,
+                           max_position_embeddings=600)
+    cache = SlotKVCache(config, slots=3, capacity=10, block=16)
+    assert cache.capacity == 16 and len(cache.tensors) == 4
+    past = [Tensor(np.full((1, 2, 12, 16), i + 1, np.float32)) for i in range(4)]
+    cache.store(1, past)
+    cache.ensure(17)                                        # doubling: 32
+    assert cache.capacity == 32 and cache.tensors[0].shape == (3, 2, 32, 16)
+    for i, tensor in enumerate(cache.tensors):
+        values = tensor.asnumpy()
+        assert np.all(values[1, :, :12] == i + 1) and not values[1, :, 12:].any() and not values[[0, 2]].any()
+    cache.ensure(500)
+    assert cache.capacity == 512
+    cache.ensure(600)
+    assert cache.capacity == 600                            # never past the model's context
+    with pytest.raises(ContextLengthError, match="601 cached positions; the model's context is 600"):
+        cache.ensure(601)
+
+
+def test_slot_decode_step_matches_the_functional_step():
+    """Three sequences of different lengths in slots 2, 0, 3 of a cache that grows while they decode:
+    each step's logits equal each sequence's own functional-cache step."""
+    from mindspore import mutable
+    from cogvlm2 import CogVLM2ForVideo
+    from cogvlm2.cogvlm2_token_types import causal_bias
+    assert CogVLM2ForVideo.from_pretrained(TINY, kv_cache="concat").slot_step is None
+    model = CogVLM2ForVideo.from_pretrained(TINY)            # auto: slots on CPU
+    rng = np.random.default_rng(0)
+    lengths, slots = [7, 12, 3], np.array([2, 0, 3])
+    cache = SlotKVCache(model.config, 4, capacity=8, block=8)
+    pasts = []
+    for slot, length in zip(slots, lengths):
+        ids = rng.integers(0, 1000, (1, length))
+        _, past = model.run_step(ids, None, np.zeros_like(ids), np.arange(length)[None],
+                                 causal_bias(np.ones_like(ids), 0), model.empty_cache(1), np.array([length - 1]))
+        pasts.append(past)
+        cache.store(slot, past)
+    cache_positions = np.array(lengths)
+    for _ in range(12):
+        tokens = rng.integers(0, 1000, (3, 1))
+        positions = cache_positions[:, None] + 5             # rotary positions need not be cache positions
+        expected = []
+        for row in range(3):
+            n = pasts[row][0].shape[2]
+            logits, pasts[row] = model.run_step(tokens[row:row + 1], None, np.zeros((1, 1), np.int64),
+                                                positions[row:row + 1], causal_bias(np.ones((1, n + 1), np.int64), n),
+                                                mutable(tuple(pasts[row])), np.array([0]))
+            expected.append(logits.asnumpy())
+        cache.ensure(int(cache_positions.max()) + 1)
+        got = model.run_slot_step(tokens, positions, cache, slots, cache_positions).asnumpy()
+        cache_positions = cache_positions + 1
+        np.testing.assert_allclose(got, np.concatenate(expected), rtol=0, atol=1e-6)
+    assert cache.capacity == 32                              # 8 -> 16 (the 12-token prefill) -> 32
+    # one sequence runs the ops.MatMul slot graph, several the rows-kernel one; the same logits
+    calls = []
+    for name in ("slot_step", "slot_rows_step"):
+        graph = getattr(model, name)
+        object.__setattr__(model, name, lambda *a, graph=graph, name=name: calls.append(name) or graph(*a))
+    tokens = rng.integers(0, 1000, (3, 1))
+    both = model.run_slot_step(tokens, cache_positions[:, None], cache, slots, cache_positions).asnumpy()
+    single = [model.run_slot_step(tokens[r:r + 1], cache_positions[r:r + 1, None], cache, slots[r:r + 1],
+                                  cache_positions[r:r + 1]).asnumpy() for r in range(3)]
+    assert calls == ["slot_rows_step"] + ["slot_step"] * 3
+    np.testing.assert_allclose(both, np.concatenate(single), rtol=0, atol=1e-6)
