@@ -5,8 +5,10 @@
 
 Prints medians of ``--runs`` rounds: preprocess ms, vision encode ms, prefill ms (including vision),
 decode tokens/s with the KV cache at the video prompt's context, the memory-bandwidth bound of that
-decode (read bandwidth measured in the same round), compile time, peak RSS against the weight bytes;
-then, once, decode at ~1600 tokens of context and without the cache.
+decode (read bandwidth measured in the same round), the vision tower's FLOP rate against the machine's
+float32 GEMM rate (measured in the same round: numpy's OpenBLAS, and the peer venv's MKL), compile
+time, peak RSS against the weight bytes; then, once, decode at ~1600 tokens of context and without
+the cache.
 
 With ``--peer`` and the official PyTorch implementation present at ``REPO/../shared/peer`` (same bench
 config, same video, same machine), every round runs our figures and then the peer's
@@ -86,6 +88,49 @@ def measure_bandwidth(nbytes: int) -> float:
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--bandwidth-bytes", str(nbytes)],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+SGEMM_CODE = """
+import time
+n = 2048
+try:
+    import torch                      # the peer's venv: PyTorch's MKL sgemm
+    torch.set_num_threads(2)
+    a, b = torch.ones(n, n), torch.ones(n, n)
+    mm = torch.mm
+except ImportError:
+    import numpy                      # ours: numpy's OpenBLAS sgemm
+    a, b = numpy.ones((n, n), numpy.float32), numpy.ones((n, n), numpy.float32)
+    mm = numpy.matmul
+best = float("inf")
+for _ in range(5):
+    start = time.perf_counter()
+    mm(a, b)
+    best = min(best, time.perf_counter() - start)
+print(2 * n ** 3 / best / 1e9)
+"""
+
+
+def sgemm_gflops(python: str) -> float:
+    """Best float32 2048^3 GEMM rate of ``python``'s BLAS (MKL via PyTorch in the peer's venv, numpy's
+    OpenBLAS in ours) on 2 threads, in a child process: the FLOP rate this machine gives right now."""
+    out = subprocess.run([python, "-c", SGEMM_CODE], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2", MKL_NUM_THREADS="2"))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def vision_flops(config, frames: int) -> float:
+    """FLOPs (2 per multiply-add) of the vision tower and adapter for ``frames`` frames: patch conv,
+    per layer qkv + scores + weighted sum + dense + MLP, the 2x2 conv, the GLU (linear_proj + 3 SwiGLU)."""
+    v = config.vision_config
+    patches = (v.image_size // v.patch_size) ** 2
+    tokens, c = patches + 1, v.hidden_size
+    layer = 2 * tokens * c * (3 * c + c + 2 * v.intermediate_size) + 2 * 2 * tokens * tokens * c
+    merged = patches // config.adapter_conv_size ** 2
+    adapter = (2 * merged * c * config.adapter_conv_size ** 2 * c + 2 * merged * c * config.hidden_size
+               + 3 * 2 * merged * config.hidden_size * config.intermediate_size)
+    patch = 2 * patches * v.in_channels * v.patch_size ** 2 * c
+    return frames * (patch + v.num_hidden_layers * layer + adapter)
 
 
 def random_model(config_path: str, seed: int):
@@ -195,17 +240,20 @@ def main():
     first_prefill, _ = timed(prefill)
     decode_rate(model, inputs, 2, pixels)                # warm the decode shapes
 
-    ours = {k: [] for k in ("preprocess", "vision", "prefill", "decode", "bandwidth")}
+    ours = {k: [] for k in ("preprocess", "vision", "prefill", "decode", "bandwidth", "sgemm", "peer_sgemm")}
     peers = []
     for _ in range(runs):
         ours["preprocess"].append(timed(lambda: processor(text=args.prompt, video=args.video))[0])
         ours["vision"].append(timed(lambda: model.encode_video(pixels).asnumpy())[0])
         ours["prefill"].append(timed(prefill)[0])
         ours["bandwidth"].append(measure_bandwidth(step_bytes))
+        ours["sgemm"].append(sgemm_gflops(sys.executable))
+        if python:
+            ours["peer_sgemm"].append(sgemm_gflops(python))
         ours["decode"].append(decode_rate(model, inputs, args.new_tokens, pixels))
         if python:
             peers.append(run_peer(python, args.video, args.new_tokens))
-    med = {k: statistics.median(v) for k, v in ours.items()}
+    med = {k: statistics.median(v) for k, v in ours.items() if v}
     compile_s = first_prefill - med["prefill"] + first_vision - med["vision"]
     generated_peak = peak_rss_mb()
 
@@ -239,6 +287,13 @@ def main():
     print(f"decode vs bandwidth bound     {med['decode'] / bound:.0%} of {bound:.1f} tokens/s "
           f"({step_bytes / 1e6:.0f} MB of weights per step)"
           + (f"; peer {peer_med['decode'] / bound:.0%}" if peers else ""))
+    flops = vision_flops(model.config, len(pixels))
+    sgemm = max(med["sgemm"], med.get("peer_sgemm", 0.0))
+    print(f"vision FLOP rate              {flops / 1e9:.1f} GFLOP: ours {flops / med['vision'] / 1e9:.0f} GFLOP/s = "
+          f"{flops / med['vision'] / 1e9 / sgemm:.0%} of the machine's 2048^3 sgemm rate ({sgemm:.0f} GFLOP/s: "
+          f"numpy/OpenBLAS {med['sgemm']:.0f}" + (f", MKL {med['peer_sgemm']:.0f}" if "peer_sgemm" in med else "")
+          + ")" + (f"; peer {flops / peer_med['vision'] / 1e9:.0f} GFLOP/s = "
+                   f"{flops / peer_med['vision'] / 1e9 / sgemm:.0%}" if peers else ""))
     print(f"decode @ {long_len} tokens        {long_rate:.1f} tokens/s (step time x{med['decode'] / long_rate:.2f} "
           f"of the {length}-token one)")
     print(f"decode, no KV cache           {nocache:.1f} tokens/s (recompute; cache speed-up "
