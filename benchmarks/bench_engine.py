@@ -84,10 +84,11 @@ def run(engine, requests) -> dict:
             "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95))}
 
 
-def step_runners(model, batch: int, context: int) -> dict:
+def step_runners(model, batch: int, context: int, slots: int) -> dict:
     """{kind: () -> logits (batch, vocab)} for one decode step of ``batch`` rows with ``context`` cached
     tokens each, every way the model can run it:
-    - "slots": the engine's step on the slot cache (kv_cache slots; rows kernel per decode_matmul);
+    - "slots": the engine's step on a slot cache of ``slots`` slots (kv_cache slots; rows kernel per
+      decode_matmul);
     - "concat+rows": the functional cache extended by concat, the rows kernel (the previous engine);
     - "concat+onednn": the functional cache, every product on ops.MatMul (the portable path)."""
     from mindspore import Tensor, mutable
@@ -113,7 +114,7 @@ def step_runners(model, batch: int, context: int) -> dict:
 
     runners = {}
     if model.slot_step is not None:
-        cache = SlotKVCache(c, batch, capacity=context + 1)
+        cache = SlotKVCache(c, slots)
         cache_positions = np.full(batch, context)
         runners["slots"] = lambda: model.run_slot_step(tokens, positions, cache, np.arange(batch),
                                                        cache_positions).asnumpy()
@@ -124,13 +125,14 @@ def step_runners(model, batch: int, context: int) -> dict:
 
 
 def step_times(model, batches: tuple, context: int, repeats: int) -> dict:
-    """{(kind, batch): median seconds of one decode step}, every kind and batch interleaved, and
-    {"max_logit_diff": ...} between the kinds' logits of the same inputs."""
-    runners = {batch: step_runners(model, batch, context) for batch in batches}
+    """{(kind, batch): median seconds of one decode step}, every kind and batch interleaved (in reverse
+    order every other round, so no kind always follows the same one), and {"max_logit_diff": ...}
+    between the kinds' logits of the same inputs."""
+    runners = {batch: step_runners(model, batch, context, max(batches)) for batch in batches}
     times = {(kind, batch): [] for batch in batches for kind in runners[batch]}
     last = {}
     for i in range(repeats + 2):
-        for (kind, batch) in times:
+        for (kind, batch) in (list(times) if i % 2 else list(times)[::-1]):
             start = time.perf_counter()
             last[(kind, batch)] = runners[batch][kind]()
             if i >= 2:

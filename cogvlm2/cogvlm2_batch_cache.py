@@ -47,7 +47,7 @@ class SlotBatch:
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """tokens, positions (B, 1) -> logits (B, vocab); every row's cache grows by one position."""
         cache_positions = np.asarray(self._lengths, np.int32)
-        self.cache.ensure(int(cache_positions.max()) + 1)
+        self.cache.check(int(cache_positions.max()) + 1)
         logits = self.model.run_slot_step(tokens, positions, self.cache, np.asarray(self._slots, np.int32),
                                           cache_positions).asnumpy()
         self._lengths = [n + 1 for n in self._lengths]

@@ -352,8 +352,8 @@ class CogVLM2Engine:
 
     def warmup(self):
         """Compile every graph (vision, prefill/decode step, the several-sequence decode step when
-        ``decode_matmul`` gives one, the slot decode step when ``kv_cache`` does), so the first
-        requests are fast."""
+        ``decode_matmul`` gives one, the slot decode steps for every padded batch size when
+        ``kv_cache`` does), so the first requests are fast."""
         model = self.model
 
         def compile_graphs():
@@ -363,10 +363,15 @@ class CogVLM2Engine:
             model.run_step(np.zeros((rows, 1), np.int64), None, np.zeros((rows, 1), np.int64),
                            np.zeros((rows, 1), np.int64), causal_bias(np.ones((rows, 1), np.int64), 0),
                            model.empty_cache(rows), np.arange(rows))[0].asnumpy()
-            if model.slot_step is not None:                          # one sequence, and two
-                for count in (1, rows):
-                    model.run_slot_step(np.zeros((count, 1)), np.zeros((count, 1)), SlotKVCache(model.config, count, 1),
-                                        np.arange(count), np.zeros(count)).asnumpy()
+            if model.slot_step is not None:          # every padded batch size on a cache of the engine's shape
+                cache = SlotKVCache(model.config, self.max_batch_size)
+                count = 1
+                while True:
+                    model.run_slot_step(np.zeros((count, 1)), np.zeros((count, 1)), cache, np.arange(count),
+                                        np.zeros(count)).asnumpy()
+                    if count >= self.max_batch_size:
+                        break
+                    count = min(2 * count, self.max_batch_size)
         self.call_on_model_thread(compile_graphs)
         self.submit("warm up", max_new_tokens=2).result()
 

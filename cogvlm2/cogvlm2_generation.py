@@ -204,7 +204,7 @@ def iter_tokens(model, input_ids: np.ndarray, token_type_ids: np.ndarray, positi
                                   model.empty_cache(batch), last)
     slots, cache_positions = None, None
     if config.use_past and model.slot_step is not None:                # decode on the slot cache
-        slots = SlotKVCache(config, batch, capacity=prompt_length + max_new)
+        slots = SlotKVCache(config, batch)
         arrays = [t.asnumpy() for t in past]
         cache_positions = np.array([slots.store(b, arrays, b, np.flatnonzero(mask[b])) for b in range(batch)])
         past = None

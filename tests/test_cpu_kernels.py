@@ -183,25 +183,37 @@ def test_decode_attention_writes_in_place_and_matches_float64(hq, hkv, d):
         assert np.abs(got - exact).max() <= bound, np.abs(got - exact).max()
 
 
-def test_slot_cache_grows_and_stores_prefills():
+def test_slot_cache_stores_prefills_and_costs_memory_only_where_written():
     from cogvlm2 import CogVLM2Config
     config = CogVLM2Config(hidden_size=64, num_attention_heads=4, num_multi_query_heads=2, num_hidden_layers=2,
                            max_position_embeddings=600)
-    cache = SlotKVCache(config, slots=3, capacity=10, block=16)
-    assert cache.capacity == 16 and len(cache.tensors) == 4
-    past = [Tensor(np.full((1, 2, 12, 16), i + 1, np.float32)) for i in range(4)]
-    cache.store(1, past)
-    cache.ensure(17)                                        # doubling: 32
-    assert cache.capacity == 32 and cache.tensors[0].shape == (3, 2, 32, 16)
-    for i, tensor in enumerate(cache.tensors):
+    cache = SlotKVCache(config, slots=3)
+    assert cache.capacity == 600 and len(cache.tensors) == 4 and cache.tensors[0].shape == (3, 2, 600, 16)
+    past = [Tensor(np.arange(2 * 12 * 16, dtype=np.float32).reshape(1, 2, 12, 16) + 1000 * i) for i in range(4)]
+    assert cache.store(1, past) == 12
+    padded = [np.concatenate([np.full((2, 2, 3, 16), np.nan, np.float32), p.asnumpy().repeat(2, 0)], 2)
+              for p in past]                                # a batch of 2 rows, 3 padding columns in front
+    assert cache.store(2, padded, row=1, columns=np.arange(3, 15)) == 12
+    for i, tensor in enumerate(cache.tensors):              # the tensors see the arrays' contents
         values = tensor.asnumpy()
-        assert np.all(values[1, :, :12] == i + 1) and not values[1, :, 12:].any() and not values[[0, 2]].any()
-    cache.ensure(500)
-    assert cache.capacity == 512
-    cache.ensure(600)
-    assert cache.capacity == 600                            # never past the model's context
+        for slot in (1, 2):
+            np.testing.assert_array_equal(values[slot, :, :12], past[i].asnumpy()[0])
+        assert not values[1, :, 12:].any() and not values[0].any()
+    cache.check(600)
     with pytest.raises(ContextLengthError, match="601 cached positions; the model's context is 600"):
-        cache.ensure(601)
+        cache.check(601)
+    big = CogVLM2Config(hidden_size=1024, num_attention_heads=8, num_multi_query_heads=8, num_hidden_layers=4,
+                        max_position_embeddings=65536)                 # 16 GiB of arrays
+    before = rss_mb()
+    huge = SlotKVCache(big, slots=8)
+    huge.store(3, [np.ones((1, 8, 100, 128), np.float32)] * 8)
+    assert sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] * 4 for t in huge.tensors) == 16 << 30
+    assert rss_mb() - before < 200                          # 16 GiB allocated, ~3 MB written
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def test_slot_decode_step_matches_the_functional_step():
@@ -214,7 +226,7 @@ def test_slot_decode_step_matches_the_functional_step():
     model = CogVLM2ForVideo.from_pretrained(TINY)            # auto: slots on CPU
     rng = np.random.default_rng(0)
     lengths, slots = [7, 12, 3], np.array([2, 0, 3])
-    cache = SlotKVCache(model.config, 4, capacity=8, block=8)
+    cache = SlotKVCache(model.config, 4)
     pasts = []
     for slot, length in zip(slots, lengths):
         ids = rng.integers(0, 1000, (1, length))
@@ -233,13 +245,12 @@ def test_slot_decode_step_matches_the_functional_step():
                                                 positions[row:row + 1], causal_bias(np.ones((1, n + 1), np.int64), n),
                                                 mutable(tuple(pasts[row])), np.array([0]))
             expected.append(logits.asnumpy())
-        cache.ensure(int(cache_positions.max()) + 1)
         got = model.run_slot_step(tokens, positions, cache, slots, cache_positions).asnumpy()
         cache_positions = cache_positions + 1
         np.testing.assert_allclose(got, np.concatenate(expected), rtol=0, atol=1e-6)
-    assert cache.capacity == 32                              # 8 -> 16 (the 12-token prefill) -> 32
     # one sequence runs the ops.MatMul slot graph, several the rows-kernel one; the same logits
     calls = []
+    graphs = [model.slot_step, model.slot_rows_step]
     for name in ("slot_step", "slot_rows_step"):
         graph = getattr(model, name)
         object.__setattr__(model, name, lambda *a, graph=graph, name=name: calls.append(name) or graph(*a))
@@ -249,3 +260,5 @@ def test_slot_decode_step_matches_the_functional_step():
                                   cache_positions[r:r + 1]).asnumpy() for r in range(3)]
     assert calls == ["slot_rows_step"] + ["slot_step"] * 3
     np.testing.assert_allclose(both, np.concatenate(single), rtol=0, atol=1e-6)
+    # static graphs: 3 rows ran padded to 4 (a row on the free slot 1), so one graph per padded size
+    assert [len(graph.compile_cache) for graph in graphs] == [1, 1]
