@@ -1,6 +1,6 @@
 """CogVLM2ForVideo: EVA2-CLIP-E vision tower + adapter + visual-expert Llama-3 decoder.
 
-Two graphs are compiled (GRAPH_MODE by default), each once, and a third for decode on CPU:
+Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on CPU:
 - ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
   on chunks of ``config.vision_batch_frames`` frames, left-over frames one at a time (on CPU,
   static-shape kernels run this tower 1.7x faster than a dynamic T);
@@ -13,12 +13,13 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and a third for deco
 - with ``kv_cache`` slots (auto on CPU): the decode step on the slot cache (``SlotDecodeStep``,
   ``run_slot_step``): one token per sequence, written into its slot in place by the decode attention
   kernel; one graph with ops.MatMul serves a single sequence, another with the rows kernel (when
-  ``decode_matmul`` gives it) 2-16 sequences, as for ``decode_step``.
+  ``decode_matmul`` gives it) 2-16 sequences, as for ``decode_step``. These have static shapes,
+  compiled once per padded batch size (1, 2, 4, 8, ...) and cache shape.
 
 The Python methods (``__call__``, ``encode_video``, ``run_step``, ``run_slot_step``) prepare numpy
 inputs and call them.
 The network holds no request state: generation (``cogvlm2_generation``) and serving many requests
-(``cogvlm2_engine``) are layers above it that call ``encode_video`` and ``run_step``.
+(``cogvlm2_engine``) are layers above it that call ``encode_video``, ``run_step`` and ``run_slot_step``.
 """
 import os
 
