@@ -54,28 +54,16 @@ def parse_args():
 
 def make_videos(folder: str, count: int):
     """``count`` mp4 clips of 2-5 s at 4 sizes, cut from the fixture's frames at different starts."""
-    import cv2
-    capture = cv2.VideoCapture(FIXTURE)
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
+    from bench_clips import read_frames, write_clip
+    frames, fps = read_frames(FIXTURE)
     sizes = [(320, 180), (480, 270), (640, 360), (256, 256)]
     lengths = [2, 3, 4, 5]                                   # seconds: 3-6 frames with the chat template
     paths = []
     for number in range(count):
-        width, height = sizes[number % 4]
         seconds = lengths[(number // 4) % 4]
         start = (number * 7) % max(1, len(frames) - int(seconds * fps))
-        path = os.path.join(folder, f"clip{number:03d}.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        for i in range(int(seconds * fps)):
-            writer.write(cv2.resize(frames[(start + i) % len(frames)], (width, height)))
-        writer.release()
-        paths.append(path)
+        clip = [frames[(start + i) % len(frames)] for i in range(int(seconds * fps))]
+        paths.append(write_clip(os.path.join(folder, f"clip{number:03d}.mp4"), clip, fps, sizes[number % 4]))
     return paths
 
 

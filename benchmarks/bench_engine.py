@@ -41,24 +41,11 @@ def parse_args():
 
 def make_clips(video: str, folder: str) -> list:
     """The fixture video plus two clips cut from it (3 s at 480x270, 4 s at 320x240), mp4v."""
-    import cv2
-    capture = cv2.VideoCapture(video)
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    paths = [video]
-    for seconds, size in ((3, (480, 270)), (4, (320, 240))):
-        path = os.path.join(folder, f"clip_{seconds}s_{size[0]}x{size[1]}.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-        for frame in frames[: int(seconds * fps)]:
-            writer.write(cv2.resize(frame, size))
-        writer.release()
-        paths.append(path)
-    return paths
+    from bench_clips import read_frames, write_clip
+    frames, fps = read_frames(video)
+    return [video] + [write_clip(os.path.join(folder, f"clip_{seconds}s_{size[0]}x{size[1]}.mp4"),
+                                 frames[: int(seconds * fps)], fps, size)
+                      for seconds, size in ((3, (480, 270)), (4, (320, 240)))]
 
 
 def requests_mix(videos: list, count: int, new_tokens: int) -> list:
