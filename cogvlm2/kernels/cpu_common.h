@@ -29,7 +29,7 @@ inline int cpu_count() {
 // Worker threads that live for the process and sleep on a condition variable between calls (no
 // spinning beside MindSpore's own pool; a thread started per call cost ~0.3 ms per product in page
 // faults of its fresh stack and sums). One call at a time uses them: a call that finds them busy
-// (MindSpore may launch independent kernels at once) runs on its own thread.
+// (MindSpore may launch independent kernels at once) runs on its own thread (``parallel``).
 class Pool {
  public:
   explicit Pool(int workers) : pid_(getpid()) {
@@ -90,6 +90,19 @@ inline Pool *pool() {
   std::lock_guard<std::mutex> lock(guard);
   if (current == nullptr || current->pid() != getpid()) current = new Pool(cpu_count() - 1);
   return current;
+}
+
+// fn(t, n) for t in [0, n) on n threads, n = min(wanted, the pool's threads): fn(0, 1) on the caller
+// alone when n would be 1 or another call holds the workers.
+inline void parallel(int64_t wanted, const std::function<void(int, int)> &fn) {
+  Pool *workers = pool();
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, workers->size())));
+  std::unique_lock<std::mutex> lock(workers->busy(), std::try_to_lock);
+  if (n <= 1 || !lock.owns_lock()) {
+    fn(0, 1);
+    return;
+  }
+  workers->Run(n, [&](int t) { fn(t, n); });
 }
 
 }  // namespace cogvlm2

@@ -107,16 +107,9 @@ extern "C" int DecodeAttention(int nparam, void **params, int *ndims, int64_t **
          n, d);
   };
   // a second thread once the step reads more than 1 MB of cache (every kv head of every row)
-  cogvlm2::Pool *workers = cogvlm2::pool();
   const int64_t bytes = cached * Hkv * d * 2 * static_cast<int64_t>(sizeof(float));
-  const int threads = static_cast<int>(std::min<int64_t>({workers->size(), tasks, bytes >> 20}));
-  std::unique_lock<std::mutex> lock(workers->busy(), std::try_to_lock);
-  if (threads <= 1 || !lock.owns_lock()) {
-    for (int64_t i = 0; i < tasks; ++i) task(i);
-    return 0;
-  }
-  workers->Run(threads, [&](int t) {
-    for (int64_t i = t; i < tasks; i += threads) task(i);
+  cogvlm2::parallel(std::min(tasks, bytes >> 20), [&](int t, int n) {
+    for (int64_t i = t; i < tasks; i += n) task(i);
   });
   return 0;
 }

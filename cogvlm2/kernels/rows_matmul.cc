@@ -138,16 +138,9 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t blocks = (N + 63) / 64;
   const int64_t per_thread = int64_t(1) << 20;
   const int64_t wanted = (K * N * int64_t(sizeof(float)) + per_thread - 1) / per_thread;
-  cogvlm2::Pool *workers = cogvlm2::pool();
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, workers->size(), blocks})));
-  std::unique_lock<std::mutex> lock(workers->busy(), std::try_to_lock);
-  if (threads <= 1 || !lock.owns_lock()) {
-    run(x, w, y, M, K, N, 0, N);
-    return 0;
-  }
   // one contiguous column range per thread, in whole 64-column blocks
-  workers->Run(threads, [&](int t) {
-    run(x, w, y, M, K, N, std::min(N, blocks * t / threads * 64), std::min(N, blocks * (t + 1) / threads * 64));
+  cogvlm2::parallel(std::min(wanted, blocks), [&](int t, int n) {
+    run(x, w, y, M, K, N, std::min(N, blocks * t / n * 64), std::min(N, blocks * (t + 1) / n * 64));
   });
   return 0;
 }
