@@ -38,7 +38,13 @@ from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, decode_attention_op, res
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
 
-__all__ = ["CogVLM2ForVideo", "CausalLMStep", "SlotDecodeStep"]
+__all__ = ["CogVLM2ForVideo", "CausalLMStep", "SlotDecodeStep", "padded_rows"]
+
+
+def padded_rows(count: int, slots: int) -> int:
+    """The batch size a slot decode step of ``count`` rows runs at on a cache of ``slots`` slots: the next
+    power of two, at most ``slots`` (the slot graphs have static shapes, one per padded size)."""
+    return min(1 << (count - 1).bit_length(), slots)
 
 
 class CausalLMStep(nn.Cell):
@@ -247,7 +253,7 @@ class CogVLM2ForVideo(PreTrainedModel):
         if self.slot_step is None:
             raise CogVLM2ConfigError("this model has no slot decode step (kv_cache resolved to concat)")
         count = len(slots)
-        padded = min(1 << (count - 1).bit_length(), cache.slots)
+        padded = padded_rows(count, cache.slots)
         free = np.setdiff1d(np.arange(cache.slots), slots)[:padded - count]
         pad = np.zeros(padded - count, np.int64)
         step = self.slot_rows_step if 2 <= padded <= ROWS_PER_PASS and self.slot_rows_step is not None \

@@ -102,9 +102,9 @@ def build_library() -> str:
     return path
 
 
-def _custom(name: str, inputs, output_dtype):
-    """The Custom primitive ``name`` of the library, built once per process. ``inputs``: (name, DataType)
-    pairs. Output shapes come from the library's ``<name>InferShape``, which the dynamic-shape runtime
+def _custom(name: str, inputs):
+    """The float32-output Custom primitive ``name`` of the library, built once per process. ``inputs``:
+    (name, DataType) pairs. Output shapes come from the library's ``<name>InferShape``, which the dynamic-shape runtime
     needs (a Python out_shape fails there with "The prim is not a PrimitivePy"); reg_info names the op,
     which that runtime looks the op up by (without it: "The pointer[value] is null")."""
     if name not in _ops:
@@ -117,7 +117,7 @@ def _custom(name: str, inputs, output_dtype):
             reg = reg.input(index, input_name)
         formats = [dtype for _, dtype in inputs] + [DataType.F32_Default]
         info = reg.output(0, "y").dtype_format(*formats).target("CPU").get_op_info()
-        _ops[name] = ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=output_dtype or ms.float32,
+        _ops[name] = ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=ms.float32,
                                 func_type="aot", reg_info=info)
     return _ops[name]
 
@@ -125,7 +125,7 @@ def _custom(name: str, inputs, output_dtype):
 def rows_matmul_op():
     """``(x (M, K), w (K, N)) -> (M, N)`` float32, dynamic shapes (``kernels/rows_matmul.cc``)."""
     from mindspore.ops import DataType
-    return _custom("RowsMatMul", [("x", DataType.F32_Default), ("w", DataType.F32_Default)], None)
+    return _custom("RowsMatMul", [("x", DataType.F32_Default), ("w", DataType.F32_Default)])
 
 
 def decode_attention_op():
@@ -135,7 +135,7 @@ def decode_attention_op():
     from mindspore.ops import DataType
     f32, i32 = DataType.F32_Default, DataType.I32_Default
     return _custom("DecodeAttention", [("q", f32), ("k", f32), ("v", f32), ("k_cache", f32), ("v_cache", f32),
-                                       ("slots", i32), ("positions", i32)], None)
+                                       ("slots", i32), ("positions", i32)])
 
 
 def resolve_decode_matmul(choice: str, device_target: str, compute_dtype: str = "float32") -> str:

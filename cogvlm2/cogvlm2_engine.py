@@ -34,6 +34,7 @@ from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from mindspore import Tensor
 
+from cogvlm2.cogvlm2 import padded_rows
 from cogvlm2.cogvlm2_batch_cache import decode_batch
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2Error, CogVLM2InputError
 from cogvlm2.cogvlm2_generation import (GenerationOptions, generation_defaults, new_token_budget, pick_next_tokens,
@@ -365,13 +366,9 @@ class CogVLM2Engine:
                            model.empty_cache(rows), np.arange(rows))[0].asnumpy()
             if model.slot_step is not None:          # every padded batch size on a cache of the engine's shape
                 cache = SlotKVCache(model.config, self.max_batch_size)
-                count = 1
-                while True:
+                for count in sorted({padded_rows(n, cache.slots) for n in range(1, cache.slots + 1)}):
                     model.run_slot_step(np.zeros((count, 1)), np.zeros((count, 1)), cache, np.arange(count),
                                         np.zeros(count)).asnumpy()
-                    if count >= self.max_batch_size:
-                        break
-                    count = min(2 * count, self.max_batch_size)
         self.call_on_model_thread(compile_graphs)
         self.submit("warm up", max_new_tokens=2).result()
 

@@ -82,17 +82,20 @@ class VisionExpertAttention(nn.Cell):
     def _heads(self, x, heads, b, length):
         return x.reshape(b, length, heads, self.head_dim).swapaxes(1, 2)   # (B, heads, L, d)
 
+    def _rotated_heads(self, qkv, rope_q, rope_k, b, length):
+        """Fused (B*L, H + 2*kv) -> q (B, Hq, L, d), k, v (B, Hkv, L, d), q and k rotated."""
+        q = self._heads(qkv[:, :self.hidden_size], self.num_heads, b, length)
+        k = self._heads(qkv[:, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads, b, length)
+        v = self._heads(qkv[:, self.hidden_size + self.kv_size:], self.num_kv_heads, b, length)
+        return apply_rotary(q, rope_q), apply_rotary(k, rope_k), v
+
     def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None):
         """x: (B*L, H) flat tokens; rope_q/rope_k: (cos, sin) each (B, heads, L, d)."""
         b, _, length, _ = rope_q[0].shape
         qkv = self.language_expert_query_key_value(x, matmul)                    # (B*L, H + 2*kv)
         if self.has_vision_expert:
             qkv = _route(expert_mask, qkv, self.vision_expert_query_key_value(x, matmul))
-        q = self._heads(qkv[:, :self.hidden_size], self.num_heads, b, length)
-        k = self._heads(qkv[:, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads, b, length)
-        v = self._heads(qkv[:, self.hidden_size + self.kv_size:], self.num_kv_heads, b, length)
-        q = apply_rotary(q, rope_q)
-        k = apply_rotary(k, rope_k)
+        q, k, v = self._rotated_heads(qkv, rope_q, rope_k, b, length)
         key = ops.concat((past_key, k), 2)                                 # (B, Hkv, S + L, d)
         value = ops.concat((past_value, v), 2)
         out = attention(q, key, value, bias, self.scale)                   # (B, Hq, L, d)
@@ -108,10 +111,7 @@ class VisionExpertAttention(nn.Cell):
         ``attend`` does in place before attending over each slot's positions 0..cache_positions[b]."""
         b = x.shape[0]
         qkv = self.language_expert_query_key_value(x, matmul)                    # (B, H + 2*kv)
-        q = apply_rotary(self._heads(qkv[:, :self.hidden_size], self.num_heads, b, 1), rope_q)
-        k = apply_rotary(self._heads(qkv[:, self.hidden_size:self.hidden_size + self.kv_size], self.num_kv_heads,
-                                     b, 1), rope_k)
-        v = qkv[:, self.hidden_size + self.kv_size:]
+        q, k, v = self._rotated_heads(qkv, rope_q, rope_k, b, 1)
         out = attend((q * self.scale).reshape(b, self.num_heads, self.head_dim),
                      k.reshape(b, self.num_kv_heads, self.head_dim), v.reshape(b, self.num_kv_heads, self.head_dim),
                      key_cache, value_cache, slots, cache_positions)             # (B, Hq, d)
