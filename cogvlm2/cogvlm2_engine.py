@@ -284,6 +284,7 @@ class CogVLM2Engine:
         self._running: List[_Sequence] = []
         self._batch = decode_batch(model, self.max_batch_size)   # the running rows' KV cache
         self._closing = False
+        self._prep_closed = False                          # close() has shut the preprocessing pool down
         self._prep = ThreadPoolExecutor(max_workers=prep_workers, thread_name_prefix="cogvlm2-prep")
         self._thread = threading.Thread(target=self._loop, name="cogvlm2-model", daemon=True)
         self._thread.start()
@@ -339,7 +340,13 @@ class CogVLM2Engine:
             self._preparing += 1
             self._live.add(handle)
             self.stats.submitted += 1
-        self._prep.submit(self._prepare, request)
+        try:
+            self._prep.submit(self._prepare, request)
+        except BaseException:       # e.g. Ctrl-C's KeyboardInterrupt: the request never reaches the pool
+            with self._cond:
+                self._preparing -= 1
+                self._live.discard(handle)
+            raise
         return handle
 
     def generate(self, requests: Sequence, **generation_options) -> List[RequestOutput]:
@@ -387,6 +394,9 @@ class CogVLM2Engine:
             self._closing = True
             self._cond.notify_all()
         self._prep.shutdown(wait=True)
+        with self._cond:              # nothing is preparing now, whatever the count says: an exception
+            self._prep_closed = True  # (a signal's) inside submit can leave it off by one
+            self._cond.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
             with self._cond:
@@ -396,6 +406,10 @@ class CogVLM2Engine:
                     request.handle.cancelled = True
                 self._cond.notify_all()
             self._thread.join()
+        with self._cond:
+            lost = list(self._live)   # submitted but never reached the model thread: nobody waits forever
+        for handle in lost:
+            self._finish(handle, "cancelled")
 
     @property
     def closed(self) -> bool:
@@ -488,7 +502,7 @@ class CogVLM2Engine:
                 self._decode_step()
 
     def _closing_done(self) -> bool:
-        return self._closing and self._preparing == 0
+        return self._closing and (self._preparing == 0 or self._prep_closed)
 
     def _admit(self, request: _Request):
         """Vision tower (unless cached), prefill, first token; the sequence joins the batch."""

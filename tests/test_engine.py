@@ -228,6 +228,40 @@ def test_submit_is_safe_from_many_threads(engine, golden):
     assert len(results) == 6
 
 
+def closes_within(engine, seconds=60):
+    closer = threading.Thread(target=engine.close, daemon=True)
+    closer.start()
+    closer.join(seconds)
+    return not closer.is_alive()
+
+
+def test_an_interrupt_inside_submit_leaves_close_working():
+    """Ctrl-C's KeyboardInterrupt can land anywhere in the caller's thread, also inside submit() before
+    the request reaches the preprocessing pool (run_predict.py hung in close() on that once in CI)."""
+    eng = CogVLM2Engine.from_pretrained(TINY, max_batch_size=1)
+    real_submit = eng._prep.submit
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    eng._prep.submit = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        eng.submit(PROMPT, max_new_tokens=5)
+    eng._prep.submit = real_submit
+    assert eng.snapshot().waiting == 0
+    assert eng.submit(PROMPT, max_new_tokens=2).result(120).finish_reason == "length"
+    assert closes_within(eng)
+
+
+def test_close_ends_a_request_lost_on_its_way_to_the_pool():
+    """A request counted as preparing whose preprocessing never runs (the interrupt hit inside the
+    pool's own submit): close() still returns, and the handle ends as cancelled instead of waiting forever."""
+    eng = CogVLM2Engine.from_pretrained(TINY, max_batch_size=1)
+    eng._prep.submit = lambda *args: None
+    lost = eng.submit(PROMPT, max_new_tokens=5)
+    assert closes_within(eng)
+    assert lost.result(0).finish_reason == "cancelled"
+
+
 def test_every_user_error_is_in_the_family():
     assert issubclass(GenerationOptionError, CogVLM2Error) and issubclass(ContextLengthError, CogVLM2Error)
     assert issubclass(CogVLM2InputError, CogVLM2Error)
