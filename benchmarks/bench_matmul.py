@@ -11,7 +11,7 @@ it, each a one-op graph with a dynamic row count (like the step graph):
 - ``x @ W``        weight stored (in, out), ``MatMul`` (what ``Linear`` does);
 - ``x @ W^T``      weight stored (out, in) = the PyTorch layout, ``MatMul(transpose_b=True)``;
 - ``(W @ x^T)^T``  weight stored (out, in), the big matrix as the left operand;
-- ``rows kernel``  weight stored (in, out), the decode step's Custom op (``cogvlm2_rows_matmul``).
+- ``rows kernel``  weight stored (in, out), the decode step's Custom op (``cogvlm2_cpu_kernels.rows_matmul_op``).
 
 Rounds interleave every formulation and batch size, so load from other jobs hits them alike; the
 table shows medians and each formulation's time at the largest batch over its batch-1 time (a
@@ -49,7 +49,7 @@ def formulations(weight: np.ndarray) -> dict:
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn, ops
 
-    from cogvlm2.cogvlm2_rows_matmul import rows_matmul_op
+    from cogvlm2.cogvlm2_cpu_kernels import rows_matmul_op
 
     class Product(nn.Cell):
         def __init__(self, stored, left_weight, transpose_b, matmul=None):

@@ -104,9 +104,10 @@ def build_library() -> str:
 
 def _custom(name: str, inputs):
     """The float32-output Custom primitive ``name`` of the library, built once per process. ``inputs``:
-    (name, DataType) pairs. Output shapes come from the library's ``<name>InferShape``, which the dynamic-shape runtime
-    needs (a Python out_shape fails there with "The prim is not a PrimitivePy"); reg_info names the op,
-    which that runtime looks the op up by (without it: "The pointer[value] is null")."""
+    (name, DataType) pairs. Output shapes come from the library's ``<name>InferShape``, which the
+    dynamic-shape runtime needs (a Python out_shape fails there with "The prim is not a PrimitivePy");
+    reg_info names the op, which that runtime looks the op up by (without it: "The pointer[value] is
+    null")."""
     if name not in _ops:
         import mindspore as ms
         from mindspore import ops

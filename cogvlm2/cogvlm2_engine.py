@@ -15,8 +15,10 @@ Threads:
   step for every running sequence. A finished or cancelled sequence leaves at once.
 
 The batch's KV cache (``cogvlm2_batch_cache``): on CPU a slot per running sequence, written in place by
-the decode step; elsewhere the functional cache, left-padded and extended by the step graph. Every
-graph has dynamic shapes, so each is compiled once for every batch, prompt and cache size.
+the decode step; elsewhere the functional cache, left-padded and extended by the step graph. The step
+graph has dynamic shapes, so it is compiled once for every batch, prompt and cache size; the slot
+decode graphs and the vision graphs are static, one per padded batch size or frame chunk, all
+compiled by ``warmup()``.
 
 The vision-embedding cache (LRU, bounded in MB) is keyed by the file's content (or the frames'
 bytes) and the frame selection, so follow-up turns and repeated videos skip decoding and the tower.
@@ -284,7 +286,8 @@ class CogVLM2Engine:
         self._running: List[_Sequence] = []
         self._batch = decode_batch(model, self.max_batch_size)   # the running rows' KV cache
         self._closing = False
-        self._prep_closed = False                          # close() has shut the preprocessing pool down
+        self._prep_closed = False                          # close() has shut the preprocessing pool down:
+                                                           # the model thread ends once nothing is left
         self._prep = ThreadPoolExecutor(max_workers=prep_workers, thread_name_prefix="cogvlm2-prep")
         self._thread = threading.Thread(target=self._loop, name="cogvlm2-model", daemon=True)
         self._thread.start()
@@ -394,8 +397,8 @@ class CogVLM2Engine:
             self._closing = True
             self._cond.notify_all()
         self._prep.shutdown(wait=True)
-        with self._cond:              # nothing is preparing now, whatever the count says: an exception
-            self._prep_closed = True  # (a signal's) inside submit can leave it off by one
+        with self._cond:              # nothing is preparing now, whatever _preparing says (an exception
+            self._prep_closed = True  # inside submit, e.g. Ctrl-C's, can leave it off by one)
             self._cond.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -502,7 +505,7 @@ class CogVLM2Engine:
                 self._decode_step()
 
     def _closing_done(self) -> bool:
-        return self._closing and (self._preparing == 0 or self._prep_closed)
+        return self._prep_closed
 
     def _admit(self, request: _Request):
         """Vision tower (unless cached), prefill, first token; the sequence joins the batch."""

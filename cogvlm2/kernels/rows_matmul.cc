@@ -9,7 +9,7 @@
 // over all of K while the partial sums of up to 16 rows stay in registers / L1, so every weight
 // element is loaded from memory once per call whatever M is (rows beyond 16 take further passes).
 // Summation is in k order (0..K-1) per output, one float32 multiply-add per term.
-// Built by cogvlm2/cogvlm2_rows_matmul.py (g++ -O3 -march=native -std=c++17 -shared -fPIC -pthread).
+// Built by cogvlm2/cogvlm2_cpu_kernels.py (g++ -O3 -march=native -std=c++17 -shared -fPIC -pthread).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
