@@ -3,7 +3,8 @@
 Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on CPU:
 - ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
   on chunks of ``config.vision_batch_frames`` frames, left-over frames one at a time (on CPU,
-  static-shape kernels run this tower 1.7x faster than a dynamic T);
+  static-shape kernels run this tower 1.7x faster than a dynamic T); with ``vision_kernels`` fused
+  (auto on CPU) its GELU and LayerNorm are one-pass CPU kernels (``cogvlm2_cpu_kernels``);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
   prefill (empty cache) and every decode step;
@@ -33,8 +34,10 @@ from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model
-from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, decode_attention_op, resolve_decode_matmul,
-                                         resolve_kv_cache, rows_matmul_op)
+from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, decode_attention_op, gelu_op, layer_norm_op,
+                                         resolve_decode_matmul, resolve_kv_cache, resolve_vision_kernels,
+                                         rows_matmul_op)
+from cogvlm2.cogvlm2_vision import VisionKernels
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
 
@@ -108,7 +111,9 @@ class CogVLM2ForVideo(PreTrainedModel):
             config = CogVLM2Config(**config)
         super().__init__(config, **kwargs)
         self.config = config
-        self.model = CogVLM2Model(config)
+        if compile_graphs:
+            _check_device_dtype(config)
+        self.model = CogVLM2Model(config, _vision_kernels(config) if compile_graphs else VisionKernels())
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
         # Not registered as child cells: they share model/lm_head, whose names stay model.* / lm_head.*
         object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head))
@@ -121,7 +126,6 @@ class CogVLM2ForVideo(PreTrainedModel):
         object.__setattr__(self, "slot_step", None)
         object.__setattr__(self, "slot_rows_step", None)
         if compile_graphs:
-            _check_device_dtype(config)
             device = ms.get_context("device_target")
             rows = resolve_decode_matmul(config.decode_matmul, device, config.compute_dtype) == "rows"
             if rows:
@@ -323,6 +327,13 @@ class CogVLM2ForVideo(PreTrainedModel):
     def init_parameters_data(self, auto_parallel_mode=False):
         weights.check_parameters_loaded(self)
         return super().init_parameters_data(auto_parallel_mode)
+
+
+def _vision_kernels(config) -> VisionKernels:
+    """The GELU and LayerNorm of the vision tower and adapter, as ``vision_kernels`` resolves."""
+    if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
+        return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op())
+    return VisionKernels()
 
 
 def _check_device_dtype(config):

@@ -11,7 +11,7 @@ from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
-from cogvlm2.cogvlm2_cpu_kernels import DECODE_MATMUL_CHOICES, KV_CACHE_CHOICES
+from cogvlm2.cogvlm2_cpu_kernels import DECODE_MATMUL_CHOICES, KV_CACHE_CHOICES, VISION_KERNELS_CHOICES
 
 __all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]  # the error: re-exported
 
@@ -104,6 +104,7 @@ class CogVLM2Config(PretrainedConfig):
                  vision_cache_mb: float = 512,
                  decode_matmul: str = "auto",
                  kv_cache: str = "auto",
+                 vision_kernels: str = "auto",
                  **kwargs):
         # mindformers YAML spellings of the same values
         num_hidden_layers = kwargs.pop("num_layers", num_hidden_layers)
@@ -157,6 +158,11 @@ class CogVLM2Config(PretrainedConfig):
         # graph extends by concat (every backend; each step copies every row's cache); "auto" = slots
         # on CPU if it builds, concat elsewhere. Prefill and cogvlm2.generate use the functional cache.
         self.kv_cache = kv_cache
+        # the vision tower's and adapter's GELU and LayerNorm: "fused" = one-pass CPU kernels
+        # (cogvlm2_cpu_kernels, float32 CPU; MindSpore 2.7.2 runs exact GELU as four kernels with a scalar
+        # erf, and its CPU LayerNorm slowly: 26% of the bench tower); "ops" = ops.gelu / ops.LayerNorm
+        # (every backend); "auto" = fused on CPU if it builds, ops elsewhere.
+        self.vision_kernels = vision_kernels
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------------
@@ -213,6 +219,8 @@ class CogVLM2Config(PretrainedConfig):
              f"decode_matmul {self.decode_matmul!r} must be one of {list(DECODE_MATMUL_CHOICES)}"),
             (self.kv_cache in KV_CACHE_CHOICES,
              f"kv_cache {self.kv_cache!r} must be one of {list(KV_CACHE_CHOICES)}"),
+            (self.vision_kernels in VISION_KERNELS_CHOICES,
+             f"vision_kernels {self.vision_kernels!r} must be one of {list(VISION_KERNELS_CHOICES)}"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),
         ]

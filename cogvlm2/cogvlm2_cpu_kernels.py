@@ -1,4 +1,4 @@
-"""The decode step's CPU kernels: MindSpore "aot" Custom ops built from ``kernels/*.cc`` into one library.
+"""The CPU kernels: MindSpore "aot" Custom ops built from ``kernels/*.cc`` into one library.
 
 - ``rows_matmul_op()``: ``x (M, K) @ w (K, N)`` streaming each weight once for up to 16 rows
   (``kernels/rows_matmul.cc``). MindSpore 2.7.2's CPU MatMul (oneDNN 2.2 gemm) reads the weight once
@@ -8,8 +8,13 @@
 - ``decode_attention_op()``: one decode token per row against the slot KV cache, written in place
   (``kernels/decode_attention.cc``, ``cogvlm2_kv_cache``): the functional cache's concat copied every
   row's whole cache every step, the largest cost that grew with the batch.
-- ``resolve_decode_matmul`` / ``resolve_kv_cache``: a config value -> what runs ("auto": the kernels on a
-  float32 CPU model when they build, the portable ops elsewhere).
+- ``gelu_op()`` / ``layer_norm_op()``: the vision tower's and the adapter's exact GELU and LayerNorm in
+  one pass each (``kernels/gelu.cc``, ``kernels/layer_norm.cc``), computed in double and rounded once;
+  MindSpore 2.7.2 runs GELU as four kernels with a scalar erf and its CPU LayerNorm slowly (together
+  26% of the bench model's tower). Their gradients (``bprop``) are MindSpore ops, so a training graph
+  with the tower in it differentiates through them.
+- ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels``: a config value -> what
+  runs ("auto": the kernels on a float32 CPU model when they build, the portable ops elsewhere).
 
 The library is compiled with g++ at first use into a per-user cache, named by a hash of the sources,
 flags, compiler and CPU, and renamed into place atomically, so concurrent first uses and other machines
@@ -23,22 +28,29 @@ import shutil
 import subprocess
 import tempfile
 
+import mindspore as ms
+from mindspore import ops
+from mindspore.ops import CustomRegOp, DataType
+
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
-__all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "ROWS_PER_PASS", "resolve_decode_matmul", "resolve_kv_cache",
-           "rows_matmul_op", "decode_attention_op", "build_library"]
+__all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES", "ROWS_PER_PASS",
+           "resolve_decode_matmul", "resolve_kv_cache", "resolve_vision_kernels", "rows_matmul_op",
+           "decode_attention_op", "gelu_op", "layer_norm_op", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
+VISION_KERNELS_CHOICES = ("auto", "ops", "fused")
 ROWS_PER_PASS = 16          # rows the kernel keeps in registers per pass over the weight (kMaxRows)
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-SOURCES = tuple(os.path.join(KERNELS, name) for name in ("rows_matmul.cc", "decode_attention.cc"))
+SOURCES = tuple(os.path.join(KERNELS, name)
+                for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc"))
 HEADERS = (os.path.join(KERNELS, "cpu_common.h"),)
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
 # No OpenMP: the kernels' few worker threads sleep on a condition variable between calls, so nothing
 # spins beside MindSpore's own thread pool.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
-FIX = "set model_config decode_matmul: onednn and kv_cache: concat to run without it"
+FIX = "set model_config decode_matmul: onednn, kv_cache: concat and vision_kernels: ops to run without it"
 
 _logger = logging.getLogger(__name__)
 _ops = {}
@@ -54,7 +66,7 @@ def cache_dir() -> str:
 def _compiler() -> str:
     compiler = os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
-        raise CogVLM2ConfigError(f"the CPU decode kernels need a C++ compiler, but {compiler!r} is not on PATH; "
+        raise CogVLM2ConfigError(f"the CPU kernels need a C++ compiler, but {compiler!r} is not on PATH; "
                                  f"install g++ (apt-get install -y g++) or {FIX}")
     return compiler
 
@@ -86,14 +98,14 @@ def build_library() -> str:
         fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
         os.close(fd)
     except OSError as error:
-        raise CogVLM2ConfigError(f"cannot write the compiled decode kernels to {folder}: {error.strerror}; "
+        raise CogVLM2ConfigError(f"cannot write the compiled CPU kernels to {folder}: {error.strerror}; "
                                  f"set COGVLM2_CACHE to a writable folder or {FIX}") from None
     try:
         result = subprocess.run([compiler, *FLAGS, "-I", KERNELS, "-o", tmp, *SOURCES], capture_output=True,
                                 text=True, check=False)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-            raise CogVLM2ConfigError(f"{compiler} could not build the CPU decode kernels: {first.strip()[:300]}; "
+            raise CogVLM2ConfigError(f"{compiler} could not build the CPU kernels: {first.strip()[:300]}; "
                                      f"{FIX}")
         os.replace(tmp, path)          # atomic: a concurrent build of the same key writes the same bytes
     finally:
@@ -102,16 +114,13 @@ def build_library() -> str:
     return path
 
 
-def _custom(name: str, inputs):
+def _custom(name: str, inputs, bprop=None):
     """The float32-output Custom primitive ``name`` of the library, built once per process. ``inputs``:
-    (name, DataType) pairs. Output shapes come from the library's ``<name>InferShape``, which the
-    dynamic-shape runtime needs (a Python out_shape fails there with "The prim is not a PrimitivePy");
-    reg_info names the op, which that runtime looks the op up by (without it: "The pointer[value] is
-    null")."""
+    (name, DataType) pairs; ``bprop``: its gradient (inputs..., out, dout) -> one gradient per input.
+    Output shapes come from the library's ``<name>InferShape``, which the dynamic-shape runtime needs
+    (a Python out_shape fails there with "The prim is not a PrimitivePy"); reg_info names the op, which
+    that runtime looks the op up by (without it: "The pointer[value] is null")."""
     if name not in _ops:
-        import mindspore as ms
-        from mindspore import ops
-        from mindspore.ops import CustomRegOp, DataType
         library = build_library()
         reg = CustomRegOp(name)
         for index, (input_name, _) in enumerate(inputs):
@@ -119,13 +128,12 @@ def _custom(name: str, inputs):
         formats = [dtype for _, dtype in inputs] + [DataType.F32_Default]
         info = reg.output(0, "y").dtype_format(*formats).target("CPU").get_op_info()
         _ops[name] = ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=ms.float32,
-                                func_type="aot", reg_info=info)
+                                func_type="aot", bprop=bprop, reg_info=info)
     return _ops[name]
 
 
 def rows_matmul_op():
     """``(x (M, K), w (K, N)) -> (M, N)`` float32, dynamic shapes (``kernels/rows_matmul.cc``)."""
-    from mindspore.ops import DataType
     return _custom("RowsMatMul", [("x", DataType.F32_Default), ("w", DataType.F32_Default)])
 
 
@@ -133,10 +141,46 @@ def decode_attention_op():
     """``(q (B, Hq, d), k, v (B, Hkv, d), k_cache, v_cache (S, Hkv, C, d), slots (B,), positions (B,))
     -> (B, Hq, d)`` float32: writes k, v into the caches at (slot, position), then attends over each
     slot's positions 0..position (``kernels/decode_attention.cc``)."""
-    from mindspore.ops import DataType
     f32, i32 = DataType.F32_Default, DataType.I32_Default
     return _custom("DecodeAttention", [("q", f32), ("k", f32), ("v", f32), ("k_cache", f32), ("v_cache", f32),
                                        ("slots", i32), ("positions", i32)])
+
+
+def gelu_op():
+    """``x -> GELU(x)`` (exact, erf) float32, any shape (``kernels/gelu.cc``); differentiable."""
+    return _custom("FusedGelu", [("x", DataType.F32_Default)], _gelu_bprop)
+
+
+def layer_norm_op():
+    """``(x (..., C), weight (C,), bias (C,), eps (1,)) -> (..., C)`` float32: LayerNorm over the last
+    axis (``kernels/layer_norm.cc``); differentiable in x, weight and bias."""
+    f32 = DataType.F32_Default
+    return _custom("FusedLayerNorm", [("x", f32), ("weight", f32), ("bias", f32), ("eps", f32)],
+                   _layer_norm_bprop)
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _gelu_bprop(x, out, dout):
+    """d GELU / dx = Phi(x) + x phi(x)."""
+    cdf = 0.5 * (1.0 + ops.erf(x * _SQRT_HALF))
+    pdf = ops.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return (dout * (cdf + x * pdf),)
+
+
+def _layer_norm_bprop(x, weight, bias, eps, out, dout):
+    """LayerNorm's gradients: x (..., C) through the mean and variance, weight and bias summed over rows."""
+    centred = x - x.mean(-1, keep_dims=True)
+    rstd = ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)
+    normed = centred * rstd                                                     # (..., C)
+    g = dout * weight
+    dx = rstd * (g - g.mean(-1, keep_dims=True) - normed * (g * normed).mean(-1, keep_dims=True))
+    size = x.shape[-1]
+    dweight = (dout * normed).reshape(-1, size).sum(0)                          # (C,)
+    dbias = dout.reshape(-1, size).sum(0)
+    return dx, dweight, dbias, ops.zeros_like(eps)
 
 
 def resolve_decode_matmul(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
@@ -149,6 +193,13 @@ def resolve_kv_cache(choice: str, device_target: str, compute_dtype: str = "floa
     """The config value -> "slots" (the engine's in-place slot cache with ``decode_attention_op``) or
     "concat" (the functional cache every backend runs)."""
     return _resolve("kv_cache", choice, KV_CACHE_CHOICES, "slots", "concat", decode_attention_op,
+                    device_target, compute_dtype)
+
+
+def resolve_vision_kernels(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
+    """The config value -> "fused" (``gelu_op`` and ``layer_norm_op`` in the vision tower and adapter) or
+    "ops" (ops.gelu and ops.LayerNorm, every backend)."""
+    return _resolve("vision_kernels", choice, VISION_KERNELS_CHOICES, "fused", "ops", build_library,
                     device_target, compute_dtype)
 
 

@@ -1,8 +1,9 @@
 """Building blocks shared by the vision tower, the adapter and the decoder.
 
-Plain MindSpore Cells whose parameter names are the checkpoint's (``weight``, ``bias``), built only
-from kernels that exist on CPU and Ascend (``ops.MatMul``, ``ops.LayerNorm``, ``ops.softmax``). One
-linear, one LayerNorm, one RMSNorm, one attention core and one SwiGLU are used everywhere.
+Plain MindSpore Cells whose parameter names are the checkpoint's (``weight``, ``bias``), built from
+kernels that exist on CPU and Ascend (``ops.MatMul``, ``ops.LayerNorm``, ``ops.softmax``); a caller may
+hand ``Linear``, ``LayerNorm`` and ``gelu`` a CPU kernel instead (``cogvlm2_cpu_kernels``). One linear,
+one LayerNorm, one RMSNorm, one GELU, one attention core and one SwiGLU are used everywhere.
 
 Two CPU facts shape the code (measured in graphs with dynamic shapes, mindspore 2.7.2):
 - a 2-D ``MatMul`` with the weight stored (in, out) runs 1.3-2x faster than ``transpose_b`` or
@@ -18,8 +19,8 @@ from mindspore.common.initializer import initializer
 
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
-__all__ = ["Linear", "LayerNorm", "RMSNorm", "Embedding", "attention", "swiglu", "to_ms_dtype", "placeholder",
-           "grouped_bias"]
+__all__ = ["Linear", "LayerNorm", "RMSNorm", "Embedding", "attention", "swiglu", "gelu", "to_ms_dtype",
+           "placeholder", "grouped_bias"]
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -73,16 +74,22 @@ class Linear(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis with ``weight``/``bias`` (CPU has no LayerNormExt, so the classic op)."""
+    """LayerNorm over the last axis with ``weight``/``bias``: ``kernel`` ((x, weight, bias, eps (1,)) -> y,
+    ``cogvlm2_cpu_kernels.layer_norm_op``) if given, else the classic ops.LayerNorm (CPU has no
+    LayerNormExt)."""
 
-    def __init__(self, size: int, eps: float, dtype=ms.float32):
+    def __init__(self, size: int, eps: float, dtype=ms.float32, kernel=None):
         super().__init__()
         self.weight = Parameter(placeholder((size,), dtype), name="weight")
         self.bias = Parameter(placeholder((size,), dtype), name="bias")
         self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.kernel = kernel
+        self.epsilon = Tensor(np.array([eps], np.float32))
 
     def construct(self, x):
-        return self.layer_norm(x, self.weight, self.bias)[0]
+        if self.kernel is None:
+            return self.layer_norm(x, self.weight, self.bias)[0]
+        return self.kernel(x, self.weight, self.bias, self.epsilon)
 
 
 class RMSNorm(nn.Cell):
@@ -144,6 +151,13 @@ def attention(q, k, v, bias, scale: float):
     probs = ops.softmax(scores, -1).astype(v.dtype)
     out = _batch_matmul(probs, v)                                   # (B, Hkv, g*L, d)
     return out.reshape(b, hq, length, d)
+
+
+def gelu(x, kernel=None):
+    """Exact (erf) GELU: ``kernel`` (``cogvlm2_cpu_kernels.gelu_op``) if given, else ops.gelu."""
+    if kernel is None:
+        return ops.gelu(x, approximate="none")
+    return kernel(x)
 
 
 def swiglu(x, gate_proj, up_proj, down_proj, matmul=None):

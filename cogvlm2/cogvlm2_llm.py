@@ -19,7 +19,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from cogvlm2.cogvlm2_layers import Embedding, Linear, RMSNorm, attention, grouped_bias, swiglu, to_ms_dtype
-from cogvlm2.cogvlm2_vision import EVA2CLIPModel
+from cogvlm2.cogvlm2_vision import EVA2CLIPModel, VisionKernels
 
 __all__ = ["CogVLM2Model"]
 
@@ -177,7 +177,7 @@ class CogVLM2Model(nn.Cell):
     vision embeddings; it is compiled once with dynamic batch, length and cache length.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, vision_kernels: VisionKernels = VisionKernels()):
         super().__init__()
         dtype = to_ms_dtype(config.param_init_type)
         self.compute_dtype = to_ms_dtype(config.compute_dtype)
@@ -190,7 +190,7 @@ class CogVLM2Model(nn.Cell):
         self.num_kv_heads = config.num_multi_query_heads
         self.group = config.num_attention_heads // config.num_multi_query_heads
         self.head_dim = config.head_dim
-        self.vision = EVA2CLIPModel(config)
+        self.vision = EVA2CLIPModel(config, vision_kernels)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     def embed(self, input_ids, vision_embeds, vision_index):

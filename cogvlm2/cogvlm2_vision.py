@@ -3,13 +3,24 @@
 Parameter names follow the HF checkpoint under ``model.vision.*``:
 ``patch_embedding.{proj, cls_embedding, position_embedding}``, ``transformer.layers.N.*``,
 ``conv``, ``linear_proj.*``, ``boi``, ``eoi``.
+
+``VisionKernels``: the GELU and LayerNorm every cell of the tower and the adapter uses (None: MindSpore's
+ops; ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` on CPU, chosen by ``vision_kernels``).
 """
+from typing import NamedTuple
+
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 
-from cogvlm2.cogvlm2_layers import Embedding, LayerNorm, Linear, placeholder, attention, swiglu, to_ms_dtype
+from cogvlm2.cogvlm2_layers import (Embedding, LayerNorm, Linear, placeholder, attention, gelu, swiglu,
+                                    to_ms_dtype)
 
-__all__ = ["EVA2CLIPModel"]
+__all__ = ["EVA2CLIPModel", "VisionKernels"]
+
+
+class VisionKernels(NamedTuple):
+    gelu: object = None          # x -> GELU(x)
+    layer_norm: object = None    # (x, weight, bias, eps (1,)) -> LayerNorm(x)
 
 
 class Conv2d(nn.Cell):
@@ -70,24 +81,26 @@ class Attention(nn.Cell):
 class MLP(nn.Cell):
     """fc1 -> exact GELU -> fc2, with biases."""
 
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, True, dtype)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, True, dtype)
+        self.gelu_kernel = kernels.gelu
 
     def construct(self, x):
-        return self.fc2(ops.gelu(self.fc1(x), approximate="none"))
+        return self.fc2(gelu(self.fc1(x), self.gelu_kernel))
 
 
 class TransformerLayer(nn.Cell):
     """EVA2 layer, post-norm inside the residual: h = x + LN(attn(x)); out = h + LN(mlp(h))."""
 
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
-        self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
+        self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype, kernels.layer_norm)
         self.attention = Attention(config, dtype)
-        self.mlp = MLP(config, dtype)
-        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, kernels)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype,
+                                                  kernels.layer_norm)
 
     def construct(self, x):
         h = x + self.input_layernorm(self.attention(x))
@@ -95,9 +108,10 @@ class TransformerLayer(nn.Cell):
 
 
 class Transformer(nn.Cell):
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
-        self.layers = nn.CellList([TransformerLayer(config, dtype) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.CellList([TransformerLayer(config, dtype, kernels)
+                                   for _ in range(config.num_hidden_layers)])
 
     def construct(self, x):
         for layer in self.layers:
@@ -108,32 +122,33 @@ class Transformer(nn.Cell):
 class GLU(nn.Cell):
     """Adapter projection to the decoder width: linear_proj -> LayerNorm -> GELU -> SwiGLU."""
 
-    def __init__(self, config, in_features: int, dtype):
+    def __init__(self, config, in_features: int, dtype, kernels: VisionKernels):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
         self.linear_proj = Linear(in_features, hidden, False, dtype)
-        self.norm1 = LayerNorm(hidden, config.adapter_layer_norm_eps, dtype)
+        self.norm1 = LayerNorm(hidden, config.adapter_layer_norm_eps, dtype, kernels.layer_norm)
         self.gate_proj = Linear(hidden, inner, False, dtype)
         self.dense_h_to_4h = Linear(hidden, inner, False, dtype)
         self.dense_4h_to_h = Linear(inner, hidden, False, dtype)
+        self.gelu_kernel = kernels.gelu
 
     def construct(self, x):
-        x = ops.gelu(self.norm1(self.linear_proj(x)), approximate="none")
+        x = gelu(self.norm1(self.linear_proj(x)), self.gelu_kernel)
         return swiglu(x, self.gate_proj, self.dense_h_to_4h, self.dense_4h_to_h)
 
 
 class EVA2CLIPModel(nn.Cell):
     """Frames (T, 3, 224, 224) -> decoder-width embeddings (T, 66, hidden): boi, 8x8 patches, eoi."""
 
-    def __init__(self, config):
+    def __init__(self, config, kernels: VisionKernels = VisionKernels()):
         super().__init__()
         vision = config.vision_config
         dtype = to_ms_dtype(config.param_init_type)
         self.compute_dtype = to_ms_dtype(config.compute_dtype)
         self.grid_size = vision.grid_size
         self.patch_embedding = PatchEmbedding(vision, dtype)
-        self.transformer = Transformer(vision, dtype)
-        self.linear_proj = GLU(config, vision.hidden_size, dtype)
+        self.transformer = Transformer(vision, dtype, kernels)
+        self.linear_proj = GLU(config, vision.hidden_size, dtype, kernels)
         self.conv = Conv2d(vision.hidden_size, vision.hidden_size, config.adapter_conv_size, dtype)
         self.boi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="boi")
         self.eoi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="eoi")

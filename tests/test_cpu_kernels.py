@@ -1,15 +1,19 @@
-"""The CPU decode kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode
-they run in: the rows kernel, and the decode attention on the slot cache (written in place, read back
-by the next step); the slot decode step against the functional step; build errors and config choices."""
+"""The CPU kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode they run
+in: the rows kernel, the decode attention on the slot cache (written in place, read back by the next
+step), the vision tower's GELU and LayerNorm and their gradients; the slot decode step against the
+functional step; build errors and config choices."""
+import math
 import os
 
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
+from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
-from cogvlm2.cogvlm2_cpu_kernels import decode_attention_op, resolve_decode_matmul, resolve_kv_cache, rows_matmul_op
+from cogvlm2.cogvlm2_cpu_kernels import (decode_attention_op, gelu_op, layer_norm_op, resolve_decode_matmul,
+                                         resolve_kv_cache, resolve_vision_kernels, rows_matmul_op)
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, ContextLengthError
 from cogvlm2.cogvlm2_kv_cache import SlotKVCache
 
@@ -61,7 +65,8 @@ def test_rows_kernel_matches_float64(k, n, view):
 
 
 @pytest.mark.parametrize("resolve, key, kernel, portable", [(resolve_decode_matmul, "decode_matmul", "rows", "onednn"),
-                                                           (resolve_kv_cache, "kv_cache", "slots", "concat")])
+                                                           (resolve_kv_cache, "kv_cache", "slots", "concat"),
+                                                           (resolve_vision_kernels, "vision_kernels", "fused", "ops")])
 def test_unknown_choice_and_device_are_one_clear_error(resolve, key, kernel, portable):
     with pytest.raises(CogVLM2ConfigError, match=f"{key} 'fast' must be one of"):
         resolve("fast", "CPU")
@@ -81,7 +86,7 @@ def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
         kernels_module.build_library()
     message = str(info.value)
     assert "\n" not in message and "rows_matmul.cc" in message
-    assert "decode_matmul: onednn and kv_cache: concat" in message
+    assert "decode_matmul: onednn, kv_cache: concat and vision_kernels: ops" in message
     assert not any(name.endswith(".so") or ".tmp" in name for name in os.listdir(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(CogVLM2ConfigError, match="'no-such-compiler-xyz' is not on PATH"):
@@ -94,6 +99,121 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
     assert os.path.isfile(first) and os.path.dirname(first) == str(tmp_path / "kernels")
     mtime = os.path.getmtime(first)
     assert kernels_module.build_library() == first and os.path.getmtime(first) == mtime
+
+
+class Apply(nn.Cell):
+    """``f(*inputs)`` as one graph; ``f`` is a kernel primitive or a function of MindSpore ops."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def construct(self, *inputs):
+        return self.f(*inputs)
+
+
+def exact_gelu(x):
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+
+
+def test_gelu_kernel_matches_float64():
+    """|GELU kernel - float64 GELU| <= ulp(result) (rounding to float32) + 2e-9 |x| (the erf fit's 1.5e-9,
+    tools/fit_erf.py) + 4.4e-8 (below x = -4 sqrt 2 the kernel returns 0; |GELU| < 4.4e-8 there), over
+    every float32 step of [-12, 12] at 1e-5, in 1-D and 3-D, every tail length of the 8-wide vectors."""
+    cell = Apply(gelu_op())
+    cell.set_inputs(Tensor(shape=[None], dtype=ms.float32))
+    x = np.linspace(-12, 12, 2400001).astype(np.float32)
+    got = cell(Tensor(x)).asnumpy()
+    exact = exact_gelu(x)
+    bound = np.spacing(np.abs(exact).astype(np.float32)) + 2e-9 * np.abs(x) + 4.4e-8
+    assert np.all(np.abs(got - exact) <= bound), np.abs(got - exact).max()
+    assert np.abs(got - exact).max() <= 2.5e-7           # MindSpore's own ops.gelu: 4.5e-7 on this grid
+    special = cell(Tensor(np.array([np.inf, -np.inf, np.nan, 0.0, 1e30, -1e30], np.float32))).asnumpy()
+    assert special[0] == np.inf and special[1] == 0 and np.isnan(special[2]) and special[3] == 0
+    assert special[4] == np.float32(1e30) and special[5] == 0
+    rng = np.random.default_rng(0)
+    for n in range(1, 18):
+        x = rng.standard_normal(n).astype(np.float32) * 3
+        assert np.abs(cell(Tensor(x)).asnumpy() - exact_gelu(x)).max() <= 2.5e-7, n
+    cube = Apply(gelu_op())
+    cube.set_inputs(Tensor(shape=[None, None, None], dtype=ms.float32))
+    x = rng.standard_normal((3, 257, 1024)).astype(np.float32) * 3
+    assert np.abs(cube(Tensor(x)).asnumpy() - exact_gelu(x)).max() <= 2.5e-7
+
+
+def exact_layer_norm(x, weight, bias, eps):
+    x = np.asarray(x, np.float64)
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 33, 256, 1792])
+def test_layer_norm_kernel_matches_float64(size):
+    """Statistics and normalisation in double, rounded once: within one float32 ulp of the float64
+    LayerNorm, for rows of any length (8-wide vectors and their tail), 2-D and 3-D, a constant row."""
+    cell = Apply(layer_norm_op())
+    cell.set_inputs(Tensor(shape=[None, None], dtype=ms.float32), Tensor(shape=[None], dtype=ms.float32),
+                    Tensor(shape=[None], dtype=ms.float32), Tensor(shape=[1], dtype=ms.float32))
+    rng = np.random.default_rng(size)
+    weight = rng.standard_normal(size).astype(np.float32)
+    bias = rng.standard_normal(size).astype(np.float32)
+    for rows, eps in ((1, 1e-6), (5, 1e-5), (771, 1e-6)):
+        x = (rng.standard_normal((rows, size)) * 4 + 3).astype(np.float32)
+        x[0] = 2.5                                          # variance 0: the row becomes the bias
+        eps32 = np.float32(eps)
+        got = cell(Tensor(x), Tensor(weight), Tensor(bias), Tensor(np.array([eps32]))).asnumpy()
+        exact = exact_layer_norm(x, weight, bias, np.float64(eps32))
+        assert np.all(np.abs(got - exact) <= np.spacing(np.abs(exact).astype(np.float32))), (rows, eps)
+    cube = Apply(layer_norm_op())
+    x = rng.standard_normal((3, 257, size)).astype(np.float32)
+    got = cube(Tensor(x), Tensor(weight), Tensor(bias), Tensor(np.array([1e-6], np.float32))).asnumpy()
+    exact = exact_layer_norm(x, weight, bias, np.float64(np.float32(1e-6)))
+    assert np.all(np.abs(got - exact) <= np.spacing(np.abs(exact).astype(np.float32)))
+
+
+class LayerNormLoss(nn.Cell):
+    """sum(LayerNorm(x) * r): the kernel's or ops.LayerNorm's, for their gradients."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
+        self.eps = Tensor(np.array([1e-5], np.float32))
+
+    def construct(self, x, weight, bias, r):
+        if self.kernel is None:
+            y = self.layer_norm(x, weight, bias)[0]
+        else:
+            y = self.kernel(x, weight, bias, self.eps)
+        return (y * r).sum()
+
+
+class GeluLoss(nn.Cell):
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def construct(self, x, r):
+        y = ops.gelu(x, approximate="none") if self.kernel is None else self.kernel(x)
+        return (y * r).sum()
+
+
+def test_gelu_and_layer_norm_gradients_match_mindspore_ops():
+    """The kernels' bprop (MindSpore ops) gives MindSpore's own gradients: x, weight and bias."""
+    rng = np.random.default_rng(1)
+    x = Tensor((rng.standard_normal((2, 9, 40)) * 3).astype(np.float32))
+    r = Tensor(rng.standard_normal((2, 9, 40)).astype(np.float32))
+    weight = Tensor(rng.standard_normal(40).astype(np.float32))
+    bias = Tensor(rng.standard_normal(40).astype(np.float32))
+    ours = ms.grad(LayerNormLoss(layer_norm_op()), grad_position=(0, 1, 2))(x, weight, bias, r)
+    theirs = ms.grad(LayerNormLoss(None), grad_position=(0, 1, 2))(x, weight, bias, r)
+    for a, b in zip(ours, theirs):
+        a, b = a.asnumpy(), b.asnumpy()
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), np.abs(a - b).max()
+    ours = ms.grad(GeluLoss(gelu_op()))(x, r).asnumpy()
+    theirs = ms.grad(GeluLoss(None))(x, r).asnumpy()
+    assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()
 
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_chat")

@@ -86,6 +86,17 @@ def test_vision_embeds(model, golden):
     assert maxdiff(embeds.asnumpy(), golden["vision_embeds"]) <= VISION_EMBEDS_TOL
 
 
+def test_vision_embeds_with_mindspore_gelu_and_layer_norm(model, converted, golden):
+    """``vision_kernels`` auto runs the CPU GELU/LayerNorm kernels here; ``ops`` (MindSpore's, what Ascend
+    runs) must match the reference as well."""
+    assert model.model.vision.linear_proj.gelu_kernel is not None
+    portable = CogVLM2ForVideo.from_pretrained(converted, vision_kernels="ops")
+    assert portable.model.vision.linear_proj.gelu_kernel is None
+    assert portable.model.vision.linear_proj.norm1.kernel is None
+    embeds = portable.encode_video(golden["pixel_values"]).asnumpy()
+    assert maxdiff(embeds, golden["vision_embeds"]) <= VISION_EMBEDS_TOL
+
+
 def test_hidden_states(model, golden):
     states = model.hidden_states(golden["input_ids"], pixel_values=golden["pixel_values"],
                                  token_type_ids=golden["token_type_ids"], position_ids=golden["position_ids"])

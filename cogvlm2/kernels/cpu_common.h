@@ -1,8 +1,9 @@
-// What the CPU kernels (rows_matmul.cc, decode_attention.cc; built into one library by
-// cogvlm2/cogvlm2_cpu_kernels.py) share: the SIMD vector type and the worker threads.
+// What the CPU kernels (rows_matmul.cc, decode_attention.cc, gelu.cc, layer_norm.cc; built into one
+// library by cogvlm2/cogvlm2_cpu_kernels.py) share: the SIMD vector types and the worker threads.
 #pragma once
 #include <algorithm>
 #include <condition_variable>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -19,6 +20,22 @@ constexpr int kLanes = 16;
 constexpr int kLanes = 8;
 #endif
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));   // unaligned loads
+
+// 8 float32 values widened to 8 doubles (one AVX-512 register): gelu.cc and layer_norm.cc compute in
+// double and round once to float32.
+typedef float fvec8 __attribute__((vector_size(8 * sizeof(float)), aligned(4)));
+typedef double dvec8 __attribute__((vector_size(8 * sizeof(double))));
+
+inline dvec8 load8(const float *p) {
+  fvec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, dvec8);
+}
+
+inline void store8(float *p, dvec8 v) {
+  const fvec8 f = __builtin_convertvector(v, fvec8);
+  std::memcpy(p, &f, sizeof(f));
+}
 
 inline int cpu_count() {
   cpu_set_t set;
