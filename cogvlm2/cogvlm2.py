@@ -4,7 +4,7 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on
 - ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
   on chunks of ``config.vision_batch_frames`` frames, left-over frames one at a time (on CPU,
   static-shape kernels run this tower 1.7x faster than a dynamic T); with ``vision_kernels`` fused
-  (auto on CPU) its GELU and LayerNorm are one-pass CPU kernels (``cogvlm2_cpu_kernels``);
+  (auto on CPU) its GELU, LayerNorm and attention are CPU kernels (``cogvlm2_cpu_kernels``);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
   prefill (empty cache) and every decode step;
@@ -36,7 +36,7 @@ from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model
 from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, decode_attention_op, gelu_op, layer_norm_op,
                                          resolve_decode_matmul, resolve_kv_cache, resolve_vision_kernels,
-                                         rows_matmul_op)
+                                         rows_matmul_op, vision_attention_op)
 from cogvlm2.cogvlm2_vision import VisionKernels
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
@@ -330,9 +330,10 @@ class CogVLM2ForVideo(PreTrainedModel):
 
 
 def _vision_kernels(config) -> VisionKernels:
-    """The GELU and LayerNorm of the vision tower and adapter, as ``vision_kernels`` resolves."""
+    """The GELU, LayerNorm and attention of the vision tower and adapter, as ``vision_kernels`` resolves."""
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
-        return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op())
+        return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
+                             attention=vision_attention_op(config.vision_config.num_heads))
     return VisionKernels()
 
 

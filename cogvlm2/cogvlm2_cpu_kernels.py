@@ -11,8 +11,12 @@
 - ``gelu_op()`` / ``layer_norm_op()``: the vision tower's and the adapter's exact GELU and LayerNorm in
   one pass each (``kernels/gelu.cc``, ``kernels/layer_norm.cc``), computed in double and rounded once;
   MindSpore 2.7.2 runs GELU as four kernels with a scalar erf and its CPU LayerNorm slowly (together
-  26% of the bench model's tower). Their gradients (``bprop``) are MindSpore ops, so a training graph
-  with the tower in it differentiates through them.
+  26% of the bench model's tower).
+- ``vision_attention_op(heads)``: the tower's attention straight from its fused qkv projection, one
+  task per frame and head (``kernels/vision_attention.cc``), instead of split, four transposes, two
+  BatchMatMuls and a softmax.
+  These three kernels' gradients (``bprop``) are MindSpore ops, so a training graph with the tower in
+  it differentiates through them.
 - ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels``: a config value -> what
   runs ("auto": the kernels on a float32 CPU model when they build, the portable ops elsewhere).
 
@@ -36,7 +40,7 @@ from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
 __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES", "ROWS_PER_PASS",
            "resolve_decode_matmul", "resolve_kv_cache", "resolve_vision_kernels", "rows_matmul_op",
-           "decode_attention_op", "gelu_op", "layer_norm_op", "build_library"]
+           "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
@@ -44,12 +48,14 @@ VISION_KERNELS_CHOICES = ("auto", "ops", "fused")
 ROWS_PER_PASS = 16          # rows the kernel keeps in registers per pass over the weight (kMaxRows)
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCES = tuple(os.path.join(KERNELS, name)
-                for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc"))
+                for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
+                             "vision_attention.cc"))
 HEADERS = (os.path.join(KERNELS, "cpu_common.h"),)
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
-# No OpenMP: the kernels' few worker threads sleep on a condition variable between calls, so nothing
-# spins beside MindSpore's own thread pool.
+# No OpenMP: the kernels run on MindSpore's own kernel threads (cpu_common.h), else on a few worker
+# threads that sleep on a condition variable between calls, so nothing spins beside MindSpore's pool.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+LIBS = ("-ldl",)      # dlopen/dlsym: the kernels find MindSpore's thread pool at run time (cpu_common.h)
 FIX = "set model_config decode_matmul: onednn, kv_cache: concat and vision_kernels: ops to run without it"
 
 _logger = logging.getLogger(__name__)
@@ -87,7 +93,7 @@ def build_library() -> str:
         with open(path, "rb") as f:
             contents.append(f.read())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"\0".join(contents + [" ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join(contents + [" ".join(FLAGS + LIBS).encode(), version.encode(),
                                                 _cpu_flags().encode()])).hexdigest()[:16]
     folder = cache_dir()
     path = os.path.join(folder, f"cogvlm2_kernels-{key}.so")
@@ -101,8 +107,8 @@ def build_library() -> str:
         raise CogVLM2ConfigError(f"cannot write the compiled CPU kernels to {folder}: {error.strerror}; "
                                  f"set COGVLM2_CACHE to a writable folder or {FIX}") from None
     try:
-        result = subprocess.run([compiler, *FLAGS, "-I", KERNELS, "-o", tmp, *SOURCES], capture_output=True,
-                                text=True, check=False)
+        result = subprocess.run([compiler, *FLAGS, "-I", KERNELS, "-o", tmp, *SOURCES, *LIBS],
+                                capture_output=True, text=True, check=False)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
             raise CogVLM2ConfigError(f"{compiler} could not build the CPU kernels: {first.strip()[:300]}; "
@@ -114,22 +120,24 @@ def build_library() -> str:
     return path
 
 
-def _custom(name: str, inputs, bprop=None):
-    """The float32-output Custom primitive ``name`` of the library, built once per process. ``inputs``:
-    (name, DataType) pairs; ``bprop``: its gradient (inputs..., out, dout) -> one gradient per input.
+def _custom(name: str, inputs, bprop=None, key=None):
+    """The float32-output Custom primitive ``name`` of the library, built once per process (per ``key``
+    if given). ``inputs``: (name, DataType) pairs; ``bprop``: its gradient (inputs..., out, dout) -> one
+    gradient per input.
     Output shapes come from the library's ``<name>InferShape``, which the dynamic-shape runtime needs
     (a Python out_shape fails there with "The prim is not a PrimitivePy"); reg_info names the op, which
     that runtime looks the op up by (without it: "The pointer[value] is null")."""
-    if name not in _ops:
+    key = key or name
+    if key not in _ops:
         library = build_library()
         reg = CustomRegOp(name)
         for index, (input_name, _) in enumerate(inputs):
             reg = reg.input(index, input_name)
         formats = [dtype for _, dtype in inputs] + [DataType.F32_Default]
         info = reg.output(0, "y").dtype_format(*formats).target("CPU").get_op_info()
-        _ops[name] = ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=ms.float32,
-                                func_type="aot", bprop=bprop, reg_info=info)
-    return _ops[name]
+        _ops[key] = ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=ms.float32,
+                               func_type="aot", bprop=bprop, reg_info=info)
+    return _ops[key]
 
 
 def rows_matmul_op():
@@ -159,6 +167,15 @@ def layer_norm_op():
                    _layer_norm_bprop)
 
 
+def vision_attention_op(heads: int):
+    """``(qkv (T, L, 3C), heads (1,) int32) -> (T, L, C)`` float32: per frame and head, softmax((q d^-0.5)
+    k^T) v with q, k, v the thirds of qkv and head h at columns h*d .. (h+1)*d of each (d = C / heads)
+    (``kernels/vision_attention.cc``); differentiable in qkv. One primitive per head count, which its
+    gradient needs as a constant."""
+    return _custom("VisionAttention", [("qkv", DataType.F32_Default), ("heads", DataType.I32_Default)],
+                   _vision_attention_bprop(heads), key=f"VisionAttention/{heads}")
+
+
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -183,6 +200,32 @@ def _layer_norm_bprop(x, weight, bias, eps, out, dout):
     return dx, dweight, dbias, ops.zeros_like(eps)
 
 
+_batch_matmul = ops.BatchMatMul()
+_batch_matmul_nt = ops.BatchMatMul(transpose_b=True)
+_batch_matmul_tn = ops.BatchMatMul(transpose_a=True)
+
+
+def _vision_attention_bprop(heads: int):
+    """The attention's gradient in qkv, recomputing the probabilities (q scaled as in the forward):
+    dv = P^T dO, dS = P * (dO v^T - rowsum(dO v^T * P)), dq = dS k * scale, dk = dS^T (q * scale)."""
+    def bprop(qkv, heads_tensor, out, dout):
+        length, width = qkv.shape[1], qkv.shape[2]
+        d = width // 3 // heads
+        scale = d ** -0.5
+        split = qkv.reshape(-1, length, 3, heads, d).transpose(2, 0, 3, 1, 4)    # (3, T, heads, L, d)
+        q, k, v = split[0] * scale, split[1], split[2]
+        probs = ops.softmax(_batch_matmul_nt(q, k), -1)                           # (T, heads, L, L)
+        d_out = dout.reshape(-1, length, heads, d).swapaxes(1, 2)                 # (T, heads, L, d)
+        d_v = _batch_matmul_tn(probs, d_out)
+        d_probs = _batch_matmul_nt(d_out, v)
+        d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdims=True))
+        d_q = _batch_matmul(d_scores, k) * scale
+        d_k = _batch_matmul_tn(d_scores, q)
+        d_qkv = ops.stack((d_q, d_k, d_v)).transpose(1, 3, 0, 2, 4).reshape(-1, length, width)
+        return d_qkv, ops.zeros_like(heads_tensor)
+    return bprop
+
+
 def resolve_decode_matmul(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
     """The config value -> "rows" (``rows_matmul_op``) or "onednn" (ops.MatMul)."""
     return _resolve("decode_matmul", choice, DECODE_MATMUL_CHOICES, "rows", "onednn", rows_matmul_op,
@@ -197,8 +240,8 @@ def resolve_kv_cache(choice: str, device_target: str, compute_dtype: str = "floa
 
 
 def resolve_vision_kernels(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
-    """The config value -> "fused" (``gelu_op`` and ``layer_norm_op`` in the vision tower and adapter) or
-    "ops" (ops.gelu and ops.LayerNorm, every backend)."""
+    """The config value -> "fused" (``gelu_op``, ``layer_norm_op`` and ``vision_attention_op`` in the
+    vision tower and adapter) or "ops" (MindSpore's ops, every backend)."""
     return _resolve("vision_kernels", choice, VISION_KERNELS_CHOICES, "fused", "ops", build_library,
                     device_target, compute_dtype)
 

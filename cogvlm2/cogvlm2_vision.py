@@ -4,13 +4,15 @@ Parameter names follow the HF checkpoint under ``model.vision.*``:
 ``patch_embedding.{proj, cls_embedding, position_embedding}``, ``transformer.layers.N.*``,
 ``conv``, ``linear_proj.*``, ``boi``, ``eoi``.
 
-``VisionKernels``: the GELU and LayerNorm every cell of the tower and the adapter uses (None: MindSpore's
-ops; ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` on CPU, chosen by ``vision_kernels``).
+``VisionKernels``: the GELU, LayerNorm and attention every cell of the tower and the adapter uses (None:
+MindSpore's ops; ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` / ``vision_attention_op`` on CPU,
+chosen by ``vision_kernels``).
 """
 from typing import NamedTuple
 
+import numpy as np
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from cogvlm2.cogvlm2_layers import (Embedding, LayerNorm, Linear, placeholder, attention, gelu, swiglu,
                                     to_ms_dtype)
@@ -21,6 +23,7 @@ __all__ = ["EVA2CLIPModel", "VisionKernels"]
 class VisionKernels(NamedTuple):
     gelu: object = None          # x -> GELU(x)
     layer_norm: object = None    # (x, weight, bias, eps (1,)) -> LayerNorm(x)
+    attention: object = None     # (qkv (T, L, 3C), heads (1,) int32) -> (T, L, C)
 
 
 class Conv2d(nn.Cell):
@@ -56,15 +59,18 @@ class PatchEmbedding(nn.Cell):
 
 
 class Attention(nn.Cell):
-    """Non-causal multi-head attention with a fused, biased qkv projection."""
+    """Non-causal multi-head attention with a fused, biased qkv projection: ``kernel`` (qkv, heads) ->
+    (T, L, C) if given, else ``cogvlm2_layers.attention`` on the split heads."""
 
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, kernel=None):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
         self.scale = self.head_dim ** -0.5
         self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, True, dtype)
         self.dense = Linear(config.hidden_size, config.hidden_size, True, dtype)
+        self.kernel = kernel
+        self.heads = Tensor(np.array([self.num_heads], np.int32))
 
     def _heads(self, x):
         t, length, _ = x.shape
@@ -72,9 +78,13 @@ class Attention(nn.Cell):
 
     def construct(self, x):
         t, length, _ = x.shape
-        q, k, v = ops.split(self.query_key_value(x), self.num_heads * self.head_dim, -1)  # 3 x (T, 257, C)
-        out = attention(self._heads(q), self._heads(k), self._heads(v), None, self.scale)
-        out = out.swapaxes(1, 2).reshape(t, length, -1)
+        qkv = self.query_key_value(x)                                               # (T, 257, 3C)
+        if self.kernel is None:
+            q, k, v = ops.split(qkv, self.num_heads * self.head_dim, -1)            # 3 x (T, 257, C)
+            out = attention(self._heads(q), self._heads(k), self._heads(v), None, self.scale)
+            out = out.swapaxes(1, 2).reshape(t, length, -1)
+        else:
+            out = self.kernel(qkv, self.heads)                                      # (T, 257, C)
         return self.dense(out)
 
 
@@ -97,7 +107,7 @@ class TransformerLayer(nn.Cell):
     def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
         self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype, kernels.layer_norm)
-        self.attention = Attention(config, dtype)
+        self.attention = Attention(config, dtype, kernels.attention)
         self.mlp = MLP(config, dtype, kernels)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype,
                                                   kernels.layer_norm)

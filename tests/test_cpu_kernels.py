@@ -1,6 +1,6 @@
 """The CPU kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode they run
 in: the rows kernel, the decode attention on the slot cache (written in place, read back by the next
-step), the vision tower's GELU and LayerNorm and their gradients; the slot decode step against the
+step), the vision tower's GELU, LayerNorm and attention and their gradients; the slot decode step against the
 functional step; build errors and config choices."""
 import math
 import os
@@ -13,7 +13,9 @@ from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
 from cogvlm2.cogvlm2_cpu_kernels import (decode_attention_op, gelu_op, layer_norm_op, resolve_decode_matmul,
-                                         resolve_kv_cache, resolve_vision_kernels, rows_matmul_op)
+                                         resolve_kv_cache, resolve_vision_kernels, rows_matmul_op,
+                                         vision_attention_op)
+from cogvlm2.cogvlm2_layers import attention
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, ContextLengthError
 from cogvlm2.cogvlm2_kv_cache import SlotKVCache
 
@@ -214,6 +216,77 @@ def test_gelu_and_layer_norm_gradients_match_mindspore_ops():
     ours = ms.grad(GeluLoss(gelu_op()))(x, r).asnumpy()
     theirs = ms.grad(GeluLoss(None))(x, r).asnumpy()
     assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()
+
+
+def split_heads(qkv, heads):
+    """(T, L, 3C) -> q, k, v each (T, heads, L, d), float64."""
+    t, length, width = qkv.shape
+    parts = np.asarray(qkv, np.float64).reshape(t, length, 3, heads, width // 3 // heads).transpose(2, 0, 3, 1, 4)
+    return parts[0], parts[1], parts[2]
+
+
+class VisionAttention(nn.Cell):
+    """The kernel, or the portable path (split, heads, cogvlm2_layers.attention, merge), on qkv."""
+
+    def __init__(self, heads, kernel):
+        super().__init__()
+        self.heads = heads
+        self.kernel = kernel
+        self.heads_tensor = Tensor(np.array([heads], np.int32))
+
+    def construct(self, qkv):
+        if self.kernel is not None:
+            return self.kernel(qkv, self.heads_tensor)
+        t, length, width = qkv.shape
+        d = width // 3 // self.heads
+        q, k, v = ops.split(qkv, width // 3, -1)
+        q, k, v = (x.reshape(t, length, self.heads, d).swapaxes(1, 2) for x in (q, k, v))
+        return attention(q, k, v, None, d ** -0.5).swapaxes(1, 2).reshape(t, length, -1)
+
+
+@pytest.mark.parametrize("frames, length, heads, d", [(3, 257, 4, 64), (1, 257, 16, 112), (2, 17, 3, 16),
+                                                      (1, 5, 2, 20), (1, 33, 5, 7), (2, 1, 1, 8)])
+def test_vision_attention_kernel_matches_float64(frames, length, heads, d):
+    """Within the float32 error bound of its sums: a score's d-term dot product (d eps sum|q_c k_c|),
+    which the softmax turns into a relative error of twice that in p, and the L-term sums of the
+    softmax and of p v (L eps each), times the largest |v|. Query rows in blocks of 4 and their tail,
+    keys in vectors of 16 and the padding, head sizes that are and are not multiples of 16."""
+    rng = np.random.default_rng(length * d + heads)
+    qkv = (rng.standard_normal((frames, length, 3 * heads * d)) * 2).astype(np.float32)
+    cell = VisionAttention(heads, vision_attention_op(heads))
+    cell.set_inputs(Tensor(shape=[None, None, 3 * heads * d], dtype=ms.float32))
+    got = cell(Tensor(qkv)).asnumpy()
+    q, k, v = split_heads(qkv, heads)
+    q = q * np.float32(d ** -0.5)
+    scores = q @ k.swapaxes(-1, -2)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    exact = (probs @ v).transpose(0, 2, 1, 3).reshape(frames, length, heads * d)
+    eps = np.finfo(np.float32).eps
+    score_error = d * eps * (np.abs(q) @ np.abs(k).swapaxes(-1, -2)).max(-1, keepdims=True)   # (T, heads, L, 1)
+    bound = (2 * score_error + 2 * length * eps + eps) * np.abs(v).max(-2, keepdims=True)      # (T, heads, L, d)
+    bound = bound.transpose(0, 2, 1, 3).reshape(frames, length, heads * d)
+    assert got.shape == exact.shape
+    assert np.all(np.abs(got - exact) <= bound), np.abs(got - exact).max()
+
+
+def test_vision_attention_gradient_matches_the_portable_path():
+    rng = np.random.default_rng(2)
+    heads, d = 3, 12
+    qkv = Tensor((rng.standard_normal((2, 19, 3 * heads * d)) * 2).astype(np.float32))
+    r = Tensor(rng.standard_normal((2, 19, heads * d)).astype(np.float32))
+
+    class Loss(nn.Cell):
+        def __init__(self, kernel):
+            super().__init__()
+            self.attend = VisionAttention(heads, kernel)
+
+        def construct(self, x, weights):
+            return (self.attend(x) * weights).sum()
+
+    ours = ms.grad(Loss(vision_attention_op(heads)))(qkv, r).asnumpy()
+    theirs = ms.grad(Loss(None))(qkv, r).asnumpy()
+    assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max(), np.abs(ours - theirs).max()
 
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_chat")

@@ -86,11 +86,14 @@ def test_vision_embeds(model, golden):
     assert maxdiff(embeds.asnumpy(), golden["vision_embeds"]) <= VISION_EMBEDS_TOL
 
 
-def test_vision_embeds_with_mindspore_gelu_and_layer_norm(model, converted, golden):
-    """``vision_kernels`` auto runs the CPU GELU/LayerNorm kernels here; ``ops`` (MindSpore's, what Ascend
-    runs) must match the reference as well."""
-    assert model.model.vision.linear_proj.gelu_kernel is not None
+def test_vision_embeds_with_mindspore_ops(model, converted, golden):
+    """``vision_kernels`` auto runs the CPU GELU/LayerNorm/attention kernels here; ``ops`` (MindSpore's,
+    what Ascend runs) must match the reference as well."""
+    layer = model.model.vision.transformer.layers[0]
+    assert None not in (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel)
     portable = CogVLM2ForVideo.from_pretrained(converted, vision_kernels="ops")
+    layer = portable.model.vision.transformer.layers[0]
+    assert (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel) == (None, None, None)
     assert portable.model.vision.linear_proj.gelu_kernel is None
     assert portable.model.vision.linear_proj.norm1.kernel is None
     embeds = portable.encode_video(golden["pixel_values"]).asnumpy()

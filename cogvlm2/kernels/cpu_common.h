@@ -1,5 +1,6 @@
-// What the CPU kernels (rows_matmul.cc, decode_attention.cc, gelu.cc, layer_norm.cc; built into one
-// library by cogvlm2/cogvlm2_cpu_kernels.py) share: the SIMD vector types and the worker threads.
+// What the CPU kernels (rows_matmul.cc, decode_attention.cc, gelu.cc, layer_norm.cc,
+// vision_attention.cc; built into one library by cogvlm2/cogvlm2_cpu_kernels.py) share: the SIMD vector
+// types and the threads they run on.
 #pragma once
 #include <algorithm>
 #include <condition_variable>
@@ -9,6 +10,7 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+#include <dlfcn.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -109,17 +111,72 @@ inline Pool *pool() {
   return current;
 }
 
-// fn(t, n) for t in [0, n) on n threads, n = min(wanted, the pool's threads): fn(0, 1) on the caller
-// alone when n would be 1 or another call holds the workers.
+// MindSpore's own kernel thread pool, the one its CPU kernels run on, found in the libraries MindSpore
+// has loaded (RTLD_NOLOAD: never loads anything): kernel::GetActorMgrInnerThreadPool() in
+// libmindspore_ops_cpu.so and ThreadPool::ParallelLaunch(func, content, task_num) in
+// libmindspore_core.so (mindspore 2.7.2; ActorThreadPool derives from ThreadPool alone, so the pointer
+// is the ThreadPool's). Work handed to it runs on the threads that otherwise spin between MindSpore's
+// kernels: with a separate pool the two sets of threads shared 2 cores, and the vision attention
+// kernel, 2x faster than MindSpore's ops alone, made the tower slower (bench tower, interleaved:
+// 124.1 ms with the kernels' own pool, 106.3 ms with MindSpore's, 155.2 ms without the kernels).
+// Not found (another MindSpore build, or no MindSpore): the kernels' own pool below.
+class MindSporePool {
+ public:
+  using Task = std::function<int(void *, int, float, float)>;   // (content, task id, scales)
+  static MindSporePool *get() {
+    static MindSporePool found = find();
+    return found.launch_ != nullptr ? &found : nullptr;
+  }
+  // fn(t) for t in [0, n); false if MindSpore's pool is not running
+  bool Run(int n, const std::function<void(int)> &fn) const {
+    void *threads = get_pool_();
+    if (threads == nullptr) return false;
+    const Task task = [&fn](void *, int t, float, float) {
+      fn(t);
+      return 0;
+    };
+    return launch_(threads, task, nullptr, n) == 0;
+  }
+
+ private:
+  using GetPool = void *(*)();
+  using Launch = int (*)(void *, const Task &, void *, int);   // the member function, `this` first
+  static MindSporePool find() {
+    MindSporePool pool;
+    void *ops = dlopen("libmindspore_ops_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+    void *core = dlopen("libmindspore_core.so", RTLD_NOLOAD | RTLD_LAZY);
+    if (ops == nullptr || core == nullptr) return pool;
+    auto get_pool = reinterpret_cast<GetPool>(dlsym(ops, "_ZN9mindspore6kernel26GetActorMgrInnerThreadPoolEv"));
+    auto launch = reinterpret_cast<Launch>(
+        dlsym(core, "_ZN9mindspore10ThreadPool14ParallelLaunchERKSt8functionIFiPviffEES2_i"));
+    if (get_pool != nullptr && launch != nullptr) {
+      pool.get_pool_ = get_pool;
+      pool.launch_ = launch;
+    }
+    return pool;
+  }
+  GetPool get_pool_ = nullptr;
+  Launch launch_ = nullptr;
+};
+
+// fn(t, n) for t in [0, n), n = min(wanted, the CPUs): on MindSpore's kernel threads, else on the
+// kernels' own pool (fn(0, 1) on the caller alone when n would be 1 or another call holds it).
 inline void parallel(int64_t wanted, const std::function<void(int, int)> &fn) {
-  Pool *workers = pool();
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, workers->size())));
-  std::unique_lock<std::mutex> lock(workers->busy(), std::try_to_lock);
-  if (n <= 1 || !lock.owns_lock()) {
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, cpu_count())));
+  if (n <= 1) {
     fn(0, 1);
     return;
   }
-  workers->Run(n, [&](int t) { fn(t, n); });
+  const MindSporePool *mindspore = MindSporePool::get();
+  if (mindspore != nullptr && mindspore->Run(n, [&](int t) { fn(t, n); })) return;
+  Pool *workers = pool();
+  const int m = std::min(n, workers->size());
+  std::unique_lock<std::mutex> lock(workers->busy(), std::try_to_lock);
+  if (m <= 1 || !lock.owns_lock()) {
+    fn(0, 1);
+    return;
+  }
+  workers->Run(m, [&](int t) { fn(t, m); });
 }
 
 }  // namespace cogvlm2
