@@ -63,15 +63,17 @@ def timed_again(fn) -> float:
 
 
 def rss_mb() -> float:
+    """Resident memory in MB (10^6 bytes, the unit of the weight figures it is divided by)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+                return int(line.split()[1]) * 1024 / 1e6      # kB (KiB) -> MB
     return float("nan")
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory in MB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def read_bandwidth_gbs(nbytes: int, threads: int = 2, repeats: int = 5) -> float:
