@@ -173,17 +173,21 @@ def test_interrupt_exits_130_without_a_result_file(workdir, signal_name):
     import select
     proc = subprocess.Popen(
         [sys.executable, RUN_PREDICT, "--config", TINY_YAML, "--load_checkpoint", TINY, "--predict_data", PROMPT,
-         "--max_new_tokens", "2000"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--max_new_tokens", "2000"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = ""
     try:
-        while "generating" not in seen:                 # wait until the model is loaded and decoding
+        # wait until the model is loaded and decoding. os.read on the pipe, not readline: a buffered
+        # readline can hold "generating" already while select waits for the next write, which comes
+        # only when the answer is done (then the signal lands after the handler is gone: exit -15)
+        while "generating" not in seen:
             ready, _, _ = select.select([proc.stderr], [], [], 120)
             assert ready, f"no progress within 120 s: {seen!r}"
-            line = proc.stderr.readline()
-            assert line, f"run_predict.py ended early: {seen!r}"
-            seen += line
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk, f"run_predict.py ended early: {seen!r}"
+            seen += chunk.decode("utf-8", "replace")
         proc.send_signal(getattr(signal, signal_name))
         _, err = proc.communicate(timeout=60)
+        err = err.decode("utf-8", "replace")
     finally:
         proc.kill()
     assert proc.returncode == 130, seen + err
