@@ -162,7 +162,8 @@ class MindSporePool {
 // fn(t, n) for t in [0, n), n = min(wanted, the CPUs): on MindSpore's kernel threads, else on the
 // kernels' own pool (fn(0, 1) on the caller alone when n would be 1 or another call holds it).
 inline void parallel(int64_t wanted, const std::function<void(int, int)> &fn) {
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, cpu_count())));
+  static const int cpus = cpu_count();            // once, not a sched_getaffinity per kernel call
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, cpus)));
   if (n <= 1) {
     fn(0, 1);
     return;

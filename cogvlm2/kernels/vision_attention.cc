@@ -150,7 +150,7 @@ void frame_head(const float *qkv, float *out, int64_t L, int64_t C, int64_t d, i
   w.keys.assign(d * Lp, 0.f);
   w.values.assign(L * dp, 0.f);
   w.scores.resize(kRows * Lp);
-  w.queries.assign(kRows * d, 0.f);
+  w.queries.resize(kRows * d);
   for (int64_t j = 0; j < L; ++j) std::memcpy(&w.values[j * dp], qkv + j * width + 2 * C + h * d, sizeof(float) * d);
   // keys transposed in 16 x 16 tiles, so each tile's writes fill whole cache lines
   for (int64_t j0 = 0; j0 < L; j0 += 16)
@@ -163,6 +163,7 @@ void frame_head(const float *qkv, float *out, int64_t L, int64_t C, int64_t d, i
     const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
     for (int r = 0; r < rows; ++r)
       for (int64_t c = 0; c < d; ++c) w.queries[r * d + c] = qkv[(i0 + r) * width + h * d + c] * scale;
+    std::fill(w.queries.begin() + rows * d, w.queries.end(), 0.f);   // a last block of 1-3 rows
     score_rows(w, w.scores.data(), d, Lp);
     for (int r = 0; r < rows; ++r) softmax_row(&w.scores[r * Lp], L, Lp);
     weigh_values(w, w.scores.data(), out + i0 * C + h * d, rows, L, Lp, d, dp, C);
