@@ -7,7 +7,9 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on
   (auto on CPU) its GELU, LayerNorm and attention are CPU kernels (``cogvlm2_cpu_kernels``);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
-  prefill (empty cache) and every decode step;
+  prefill (empty cache) and every decode step; with ``gemm`` amx (auto on a CPU with AMX-BF16) its
+  Linears, like the vision tower's, use the AMX product, which hands products of fewer than 16 rows
+  to the rows kernel;
 - with ``decode_matmul`` rows (auto on CPU): the same step with the rows kernel in every decoder
   Linear and the lm_head (``decode_step``), which ``run_step`` uses for decode calls of 2-16
   sequences (one token each): oneDNN re-reads each weight for 2-15 rows, the kernel once;
@@ -34,9 +36,9 @@ from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model
-from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, decode_attention_op, gelu_op, layer_norm_op,
-                                         resolve_decode_matmul, resolve_kv_cache, resolve_vision_kernels,
-                                         rows_matmul_op, vision_attention_op)
+from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_matmul_op, decode_attention_op, gelu_op,
+                                         layer_norm_op, resolve_decode_matmul, resolve_gemm, resolve_kv_cache,
+                                         resolve_vision_kernels, rows_matmul_op, vision_attention_op)
 from cogvlm2.cogvlm2_vision import VisionKernels
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
@@ -113,10 +115,12 @@ class CogVLM2ForVideo(PreTrainedModel):
         self.config = config
         if compile_graphs:
             _check_device_dtype(config)
-        self.model = CogVLM2Model(config, _vision_kernels(config) if compile_graphs else VisionKernels())
+        # the product of the vision tower, the adapter and the step graph (prefill) as gemm resolves
+        gemm = _gemm(config) if compile_graphs else None
+        self.model = CogVLM2Model(config, _vision_kernels(config, gemm) if compile_graphs else VisionKernels())
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
         # Not registered as child cells: they share model/lm_head, whose names stay model.* / lm_head.*
-        object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head))
+        object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head, gemm))
         # decode calls (one token per row, 2..ROWS_PER_PASS rows) get their own graph when
         # decode_matmul resolves to the rows kernel; None: the one step graph serves every call
         object.__setattr__(self, "decode_step", None)
@@ -235,8 +239,10 @@ class CogVLM2ForVideo(PreTrainedModel):
         """Run the compiled step. logits_index: flat positions b*L + l that need logits.
         Returns (logits (M, vocab) Tensor, new past). Decode calls of several sequences, input_ids
         (B, 1) with 2 <= B <= ROWS_PER_PASS, run the decode step graph when there is one
-        (decode_matmul); one row stays on oneDNN, whose mat-vec kernel already reads W once and
-        measured 10% faster than the rows kernel on the lm_head."""
+        (decode_matmul); one row stays on the step graph: oneDNN, whose mat-vec kernel already reads W
+        once and measured 10% faster than the rows kernel on the lm_head, or with ``gemm`` amx the rows
+        kernel (the AMX product's choice below 16 rows; the bench model's batch-1 decode measured the
+        same, 26.9-27.2 against 27.0-27.3 tokens/s)."""
         inputs = self._graph_inputs(input_ids, vision_embeds, token_type_ids, position_ids, bias)
         decode = self.decode_step is not None and input_ids.shape[1] == 1 and 2 <= input_ids.shape[0] <= ROWS_PER_PASS
         step = self.decode_step if decode else self.step
@@ -329,12 +335,20 @@ class CogVLM2ForVideo(PreTrainedModel):
         return super().init_parameters_data(auto_parallel_mode)
 
 
-def _vision_kernels(config) -> VisionKernels:
-    """The GELU, LayerNorm and attention of the vision tower and adapter, as ``vision_kernels`` resolves."""
+def _gemm(config):
+    """The AMX product if ``gemm`` resolves to amx, else None (ops.MatMul)."""
+    if resolve_gemm(config.gemm, ms.get_context("device_target"), config.compute_dtype) == "amx":
+        return amx_matmul_op()
+    return None
+
+
+def _vision_kernels(config, matmul) -> VisionKernels:
+    """The GELU, LayerNorm and attention of the vision tower and adapter, as ``vision_kernels`` resolves,
+    and ``matmul`` (``_gemm``) as their product."""
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
         return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
-                             attention=vision_attention_op(config.vision_config.num_heads))
-    return VisionKernels()
+                             attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul)
+    return VisionKernels(matmul=matmul)
 
 
 def _check_device_dtype(config):

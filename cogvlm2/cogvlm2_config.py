@@ -11,7 +11,8 @@ from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
-from cogvlm2.cogvlm2_cpu_kernels import DECODE_MATMUL_CHOICES, KV_CACHE_CHOICES, VISION_KERNELS_CHOICES
+from cogvlm2.cogvlm2_cpu_kernels import (DECODE_MATMUL_CHOICES, GEMM_CHOICES, KV_CACHE_CHOICES,
+                                         VISION_KERNELS_CHOICES)
 
 __all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]  # the error: re-exported
 
@@ -105,6 +106,7 @@ class CogVLM2Config(PretrainedConfig):
                  decode_matmul: str = "auto",
                  kv_cache: str = "auto",
                  vision_kernels: str = "auto",
+                 gemm: str = "auto",
                  **kwargs):
         # mindformers YAML spellings of the same values
         num_hidden_layers = kwargs.pop("num_layers", num_hidden_layers)
@@ -151,7 +153,7 @@ class CogVLM2Config(PretrainedConfig):
         # the decode step's MatMul: "rows" = the rows kernel (cogvlm2_cpu_kernels, float32 CPU), which
         # reads each weight once for all <= 16 rows, where MindSpore 2.7.2's oneDNN re-reads it for
         # 2-15 rows (a batch-8 step cost 2-3.4x a batch-1 step); "onednn" = ops.MatMul; "auto" = rows
-        # on CPU if it builds (g++), onednn elsewhere (Ascend). Prefill always uses ops.MatMul.
+        # on CPU if it builds (g++), onednn elsewhere (Ascend). Prefill uses ``gemm``.
         self.decode_matmul = decode_matmul
         # the engine's KV cache: "slots" = a slot per running sequence, written in place by the decode
         # attention kernel (cogvlm2_kv_cache, float32 CPU); "concat" = the functional cache the step
@@ -163,6 +165,11 @@ class CogVLM2Config(PretrainedConfig):
         # erf, and its CPU LayerNorm slowly: 26% of the bench tower); "ops" = ops.gelu / ops.LayerNorm
         # (every backend); "auto" = fused on CPU if it builds, ops elsewhere.
         self.vision_kernels = vision_kernels
+        # the products of many rows (the vision tower, the adapter, prefill): "amx" = the AMX bf16 tile
+        # kernel at float32 accuracy (three bf16 parts per value, cogvlm2_cpu_kernels; float32 CPU with
+        # AMX-BF16, e.g. Xeon Sapphire Rapids); "onednn" = ops.MatMul (every backend); "auto" = amx where
+        # the CPU and Linux allow it and the kernels build, onednn elsewhere.
+        self.gemm = gemm
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------------
@@ -221,6 +228,7 @@ class CogVLM2Config(PretrainedConfig):
              f"kv_cache {self.kv_cache!r} must be one of {list(KV_CACHE_CHOICES)}"),
             (self.vision_kernels in VISION_KERNELS_CHOICES,
              f"vision_kernels {self.vision_kernels!r} must be one of {list(VISION_KERNELS_CHOICES)}"),
+            (self.gemm in GEMM_CHOICES, f"gemm {self.gemm!r} must be one of {list(GEMM_CHOICES)}"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),
         ]

@@ -17,14 +17,21 @@
   BatchMatMuls and a softmax.
   These three kernels' gradients (``bprop``) are MindSpore ops, so a training graph with the tower in
   it differentiates through them.
-- ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels``: a config value -> what
-  runs ("auto": the kernels on a float32 CPU model when they build, the portable ops elsewhere).
+- ``amx_matmul_op()``: ``x (M, K) @ w (K, N)`` of many rows (the vision tower, the adapter, prefill) on
+  the AMX bf16 tile unit at float32 accuracy: each float32 is split into three bfloat16 parts and the
+  six significant part products are summed in float32 (``kernels/amx_matmul.cc``); fewer than 16 rows
+  go to the rows kernel. Differentiable (its gradient is two MindSpore MatMuls).
+- ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` / ``resolve_gemm``: a
+  config value -> what runs ("auto": the kernels on a float32 CPU model when they build, the portable
+  ops elsewhere; for ``gemm`` also only on a CPU with AMX-BF16 that Linux lets the process use).
 
 The library is compiled with g++ at first use into a per-user cache, named by a hash of the sources,
 flags, compiler and CPU, and renamed into place atomically, so concurrent first uses and other machines
 sharing a home cannot clash. A build failure is one CogVLM2ConfigError line (which compiler, the first
 error line, what to set).
 """
+import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -39,24 +46,27 @@ from mindspore.ops import CustomRegOp, DataType
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
 __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES", "ROWS_PER_PASS",
-           "resolve_decode_matmul", "resolve_kv_cache", "resolve_vision_kernels", "rows_matmul_op",
-           "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "build_library"]
+           "GEMM_CHOICES", "resolve_decode_matmul", "resolve_kv_cache", "resolve_vision_kernels", "resolve_gemm",
+           "rows_matmul_op", "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op",
+           "amx_matmul_op", "amx_available", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
 VISION_KERNELS_CHOICES = ("auto", "ops", "fused")
+GEMM_CHOICES = ("auto", "onednn", "amx")
 ROWS_PER_PASS = 16          # rows the kernel keeps in registers per pass over the weight (kMaxRows)
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCES = tuple(os.path.join(KERNELS, name)
                 for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
-                             "vision_attention.cc"))
+                             "vision_attention.cc", "amx_matmul.cc"))
 HEADERS = (os.path.join(KERNELS, "cpu_common.h"),)
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
 # No OpenMP: the kernels run on MindSpore's own kernel threads (cpu_common.h), else on a few worker
 # threads that sleep on a condition variable between calls, so nothing spins beside MindSpore's pool.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 LIBS = ("-ldl",)      # dlopen/dlsym: the kernels find MindSpore's thread pool at run time (cpu_common.h)
-FIX = "set model_config decode_matmul: onednn, kv_cache: concat and vision_kernels: ops to run without it"
+FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops and gemm: onednn to run "
+       "without it")
 
 _logger = logging.getLogger(__name__)
 _ops = {}
@@ -176,6 +186,29 @@ def vision_attention_op(heads: int):
                    _vision_attention_bprop(heads), key=f"VisionAttention/{heads}")
 
 
+def amx_matmul_op():
+    """``(x (M, K), w (K, N)) -> (M, N)`` float32 on the AMX tile unit, float32 accuracy, dynamic shapes
+    (``kernels/amx_matmul.cc``); differentiable in x and w. Only where ``amx_available()``."""
+    f32 = DataType.F32_Default
+    return _custom("AmxMatMul", [("x", f32), ("w", f32)], _matmul_bprop)
+
+
+@functools.lru_cache(maxsize=None)
+def amx_available() -> bool:
+    """Whether the library has the AMX path and this process may use the tile registers (the CPU has
+    AMX-BF16 and Linux grants the tile state; the grant is process-wide and the kernel needs it)."""
+    return bool(ctypes.CDLL(build_library()).AmxMatMulAvailable())
+
+
+_matmul_nt = ops.MatMul(transpose_b=True)
+_matmul_tn = ops.MatMul(transpose_a=True)
+
+
+def _matmul_bprop(x, w, out, dout):
+    """y = x w: dx = dout w^T, dw = x^T dout."""
+    return _matmul_nt(dout, w), _matmul_tn(x, dout)
+
+
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -244,6 +277,25 @@ def resolve_vision_kernels(choice: str, device_target: str, compute_dtype: str =
     vision tower and adapter) or "ops" (MindSpore's ops, every backend)."""
     return _resolve("vision_kernels", choice, VISION_KERNELS_CHOICES, "fused", "ops", build_library,
                     device_target, compute_dtype)
+
+
+def resolve_gemm(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
+    """The config value -> "amx" (``amx_matmul_op`` in the vision tower, the adapter and the prefill step)
+    or "onednn" (ops.MatMul). "auto" picks amx on a float32 CPU model whose CPU and kernel allow AMX
+    (silently onednn on one without, with a warning if the library does not build)."""
+    if choice == "auto" and device_target == "CPU" and compute_dtype == "float32" \
+            and "amx_bf16" not in _cpu_flags().split():
+        return "onednn"
+    resolved = _resolve("gemm", choice, GEMM_CHOICES, "amx", "onednn", build_library, device_target,
+                        compute_dtype)
+    if resolved == "amx" and not amx_available():
+        if choice == "amx":
+            raise CogVLM2ConfigError("gemm 'amx' needs a CPU with AMX-BF16 whose tile state Linux grants "
+                                     "(arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+); this one does not: "
+                                     "set gemm: onednn or auto")
+        _logger.warning("gemm auto: using onednn: the CPU lists AMX-BF16 but this process may not use it")
+        return "onednn"
+    return resolved
 
 
 def _resolve(key, choice, choices, kernel, portable, build, device_target, compute_dtype) -> str:

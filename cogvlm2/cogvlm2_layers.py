@@ -45,19 +45,21 @@ class Linear(nn.Cell):
     """y = x W + b over the last axis. weight is stored (in, out): the transpose of the PyTorch
     checkpoint's (out, in), which the loader applies (``transposed_in_checkpoint``).
 
-    ``construct(x, matmul=None)``: ``matmul`` is a primitive ``(x (N, in), W (in, out)) -> (N, out)``
-    that replaces ``ops.MatMul`` for this call; the decode step graph passes the rows kernel
-    (``cogvlm2_cpu_kernels``) down through the decoder, every other graph passes nothing.
+    ``kernel``: a primitive ``(x (N, in), W (in, out)) -> (N, out)`` this Linear uses instead of
+    ``ops.MatMul`` (the vision tower's get the AMX kernel, ``cogvlm2_cpu_kernels``).
+    ``construct(x, matmul=None)``: ``matmul``, the same kind of primitive, replaces both for this call;
+    the step graphs pass theirs (the rows kernel, the AMX kernel) down through the decoder.
     """
 
     transposed_in_checkpoint = ("weight",)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=ms.float32):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=ms.float32, kernel=None):
         super().__init__()
         self.out_features = out_features
         self.weight = Parameter(placeholder((in_features, out_features), dtype), name="weight")
         self.bias = Parameter(placeholder((out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul()
+        self.kernel = kernel
 
     def construct(self, x, matmul=None):
         if x.ndim == 2:                                                  # (N, in): no reshapes
@@ -66,10 +68,12 @@ class Linear(nn.Cell):
         return self._matmul(x.reshape(-1, shape[-1]), matmul).reshape(shape[:-1] + (self.out_features,))
 
     def _matmul(self, x, matmul):
-        if matmul is None:
-            y = self.matmul(x, self.weight)                              # (N, out)
+        if matmul is not None:
+            y = matmul(x, self.weight)                                   # (N, out)
+        elif self.kernel is not None:
+            y = self.kernel(x, self.weight)
         else:
-            y = matmul(x, self.weight)
+            y = self.matmul(x, self.weight)
         return y if self.bias is None else ops.bias_add(y, self.bias)
 
 

@@ -4,9 +4,9 @@ Parameter names follow the HF checkpoint under ``model.vision.*``:
 ``patch_embedding.{proj, cls_embedding, position_embedding}``, ``transformer.layers.N.*``,
 ``conv``, ``linear_proj.*``, ``boi``, ``eoi``.
 
-``VisionKernels``: the GELU, LayerNorm and attention every cell of the tower and the adapter uses (None:
-MindSpore's ops; ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` / ``vision_attention_op`` on CPU,
-chosen by ``vision_kernels``).
+``VisionKernels``: the GELU, LayerNorm, attention and product every cell of the tower and the adapter
+uses (None: MindSpore's ops; on CPU ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` /
+``vision_attention_op``, chosen by ``vision_kernels``, and ``amx_matmul_op``, chosen by ``gemm``).
 """
 from typing import NamedTuple
 
@@ -24,6 +24,7 @@ class VisionKernels(NamedTuple):
     gelu: object = None          # x -> GELU(x)
     layer_norm: object = None    # (x, weight, bias, eps (1,)) -> LayerNorm(x)
     attention: object = None     # (qkv (T, L, 3C), heads (1,) int32) -> (T, L, C)
+    matmul: object = None        # (x (N, in), W (in, out)) -> (N, out), every Linear's product
 
 
 class Conv2d(nn.Cell):
@@ -59,17 +60,17 @@ class PatchEmbedding(nn.Cell):
 
 
 class Attention(nn.Cell):
-    """Non-causal multi-head attention with a fused, biased qkv projection: ``kernel`` (qkv, heads) ->
-    (T, L, C) if given, else ``cogvlm2_layers.attention`` on the split heads."""
+    """Non-causal multi-head attention with a fused, biased qkv projection: ``kernels.attention`` (qkv,
+    heads) -> (T, L, C) if given, else ``cogvlm2_layers.attention`` on the split heads."""
 
-    def __init__(self, config, dtype, kernel=None):
+    def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
         self.scale = self.head_dim ** -0.5
-        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, True, dtype)
-        self.dense = Linear(config.hidden_size, config.hidden_size, True, dtype)
-        self.kernel = kernel
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, True, dtype, kernels.matmul)
+        self.dense = Linear(config.hidden_size, config.hidden_size, True, dtype, kernels.matmul)
+        self.kernel = kernels.attention
         self.heads = Tensor(np.array([self.num_heads], np.int32))
 
     def _heads(self, x):
@@ -93,8 +94,8 @@ class MLP(nn.Cell):
 
     def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, True, dtype)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, True, dtype)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, True, dtype, kernels.matmul)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, True, dtype, kernels.matmul)
         self.gelu_kernel = kernels.gelu
 
     def construct(self, x):
@@ -107,7 +108,7 @@ class TransformerLayer(nn.Cell):
     def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
         self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype, kernels.layer_norm)
-        self.attention = Attention(config, dtype, kernels.attention)
+        self.attention = Attention(config, dtype, kernels)
         self.mlp = MLP(config, dtype, kernels)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype,
                                                   kernels.layer_norm)
@@ -135,11 +136,11 @@ class GLU(nn.Cell):
     def __init__(self, config, in_features: int, dtype, kernels: VisionKernels):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.linear_proj = Linear(in_features, hidden, False, dtype)
+        self.linear_proj = Linear(in_features, hidden, False, dtype, kernels.matmul)
         self.norm1 = LayerNorm(hidden, config.adapter_layer_norm_eps, dtype, kernels.layer_norm)
-        self.gate_proj = Linear(hidden, inner, False, dtype)
-        self.dense_h_to_4h = Linear(hidden, inner, False, dtype)
-        self.dense_4h_to_h = Linear(inner, hidden, False, dtype)
+        self.gate_proj = Linear(hidden, inner, False, dtype, kernels.matmul)
+        self.dense_h_to_4h = Linear(hidden, inner, False, dtype, kernels.matmul)
+        self.dense_4h_to_h = Linear(inner, hidden, False, dtype, kernels.matmul)
         self.gelu_kernel = kernels.gelu
 
     def construct(self, x):

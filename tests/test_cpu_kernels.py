@@ -1,7 +1,7 @@
 """The CPU kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode they run
-in: the rows kernel, the decode attention on the slot cache (written in place, read back by the next
-step), the vision tower's GELU, LayerNorm and attention and their gradients; the slot decode step against the
-functional step; build errors and config choices."""
+in: the rows kernel, the AMX product and its gradient, the decode attention on the slot cache (written in
+place, read back by the next step), the vision tower's GELU, LayerNorm and attention and their gradients;
+the slot decode step against the functional step; build errors and config choices."""
 import math
 import os
 
@@ -12,9 +12,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
-from cogvlm2.cogvlm2_cpu_kernels import (decode_attention_op, gelu_op, layer_norm_op, resolve_decode_matmul,
-                                         resolve_kv_cache, resolve_vision_kernels, rows_matmul_op,
-                                         vision_attention_op)
+from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_matmul_op, decode_attention_op, gelu_op,
+                                         layer_norm_op, resolve_decode_matmul, resolve_gemm, resolve_kv_cache,
+                                         resolve_vision_kernels, rows_matmul_op, vision_attention_op)
 from cogvlm2.cogvlm2_layers import attention
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, ContextLengthError
 from cogvlm2.cogvlm2_kv_cache import SlotKVCache
@@ -23,21 +23,21 @@ ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
 
 
 class Product(nn.Cell):
-    """``rows(f(x), W)`` in one graph with a dynamic row count; f makes the operand non-contiguous in
+    """``product(f(x), W)`` in one graph with a dynamic row count; f makes the operand non-contiguous in
     the source (a transpose or a column slice) so the graph hands the kernel a materialised view."""
 
-    def __init__(self, weight, view):
+    def __init__(self, weight, view, product):
         super().__init__()
         self.weight = Parameter(Tensor(weight), name="weight")
         self.view = view
-        self.rows = rows_matmul_op()
+        self.product = product
 
     def construct(self, x):
         if self.view == "transpose":
             x = x.T                                  # (K, M) -> (M, K)
         elif self.view == "slice":
             x = x[:, 1:-1]                           # (M, K + 2) -> (M, K)
-        return self.rows(x, self.weight)
+        return self.product(x, self.weight)
 
 
 def tolerance(x, w):
@@ -48,15 +48,15 @@ def tolerance(x, w):
     return k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)) + 1e-30
 
 
-@pytest.mark.parametrize("k, n", [(64, 48), (37, 203), (1024, 1536), (300, 16 * 3 + 5)])
-@pytest.mark.parametrize("view", ["contiguous", "transpose", "slice"])
-def test_rows_kernel_matches_float64(k, n, view):
-    rng = np.random.default_rng(k * n)
+def check_product(product, k, n, view, rows, seed):
+    """``product`` in a dynamic-row graph on operands from ``view``, for each row count: within the
+    float32 dot-product bound of float64."""
+    rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n), dtype=np.float32)
-    cell = Product(w, view)
+    cell = Product(w, view, product)
     shape = {"contiguous": [None, k], "transpose": [k, None], "slice": [None, k + 2]}[view]
     cell.set_inputs(Tensor(shape=shape, dtype=ms.float32))
-    for m in (1, 2, 3, 5, 8, 13, 16, 17, 33):      # register blocks 1..16 and the passes beyond 16 rows
+    for m in rows:
         x = rng.standard_normal((m, k), dtype=np.float32)
         given = {"contiguous": x, "transpose": np.ascontiguousarray(x.T),
                  "slice": np.pad(x, ((0, 0), (1, 1)), constant_values=np.nan)}[view]
@@ -64,6 +64,92 @@ def test_rows_kernel_matches_float64(k, n, view):
         exact = x.astype(np.float64) @ w.astype(np.float64)
         assert got.shape == (m, n)
         assert np.all(np.abs(got - exact) <= tolerance(x, w)), (m, np.abs(got - exact).max())
+
+
+@pytest.mark.parametrize("k, n", [(64, 48), (37, 203), (1024, 1536), (300, 16 * 3 + 5)])
+@pytest.mark.parametrize("view", ["contiguous", "transpose", "slice"])
+def test_rows_kernel_matches_float64(k, n, view):
+    # register blocks 1..16 and the passes beyond 16 rows
+    check_product(rows_matmul_op(), k, n, view, (1, 2, 3, 5, 8, 13, 16, 17, 33), seed=k * n)
+
+
+needs_amx = pytest.mark.skipif(not amx_available(), reason="this CPU (or kernel) gives no AMX-BF16 tiles")
+
+
+@needs_amx
+@pytest.mark.parametrize("k, n", [(64, 48), (37, 203), (256, 768), (1024, 129), (2100, 40)])
+@pytest.mark.parametrize("view", ["contiguous", "transpose", "slice"])
+def test_amx_kernel_matches_float64(k, n, view):
+    """Within the float32 dot-product bound, like the rows kernel: K not a multiple of 32 and beyond one
+    1024-value chunk (2100), N not a multiple of 16, rows below 16 (the rows kernel), 16-31 and tails of
+    32-row blocks, operands handed over from a transpose or a slice."""
+    check_product(amx_matmul_op(), k, n, view, (1, 15, 16, 31, 33, 100), seed=k * n + 7)
+
+
+@needs_amx
+def test_amx_kernel_keeps_float32_accuracy_where_fewer_bfloat16_parts_would_not():
+    """The three-part split is what makes the tile unit exact enough. With 4-term sums, so that the
+    float32 bound is tight, the kernel is within it; the same products from one bfloat16 part per value
+    miss it ~8000-fold, and from two parts (hi, mid: dropping the lo parts) ~10-fold (numpy, below)."""
+    rng = np.random.default_rng(5)
+    x = (1 + rng.random((40, 4))).astype(np.float32)
+    w = (1 - rng.random((4, 24)) / 2).astype(np.float32)
+    got = Apply(amx_matmul_op())(Tensor(x), Tensor(w)).asnumpy()
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    bound = tolerance(x, w)
+    assert np.all(np.abs(got - exact) <= bound), np.abs(got - exact).max()
+
+    def parts(a, count):
+        """The first `count` bfloat16 parts of a (round to nearest even), as float64."""
+        out, rest = [], a
+        for _ in range(count):
+            bits = rest.view(np.uint32)
+            part = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+            out.append(part.astype(np.float64))
+            rest = (rest - part).astype(np.float32)
+        return out
+
+    for count, factor in ((1, 1000), (2, 5)):
+        px, pw = parts(x, count), parts(w, count)
+        fewer = sum(px[i] @ pw[j] for i in range(count) for j in range(count) if i + j <= 2)
+        assert (np.abs(fewer - exact) / bound).max() > factor
+
+
+@needs_amx
+def test_amx_gradient_matches_mindspore_matmul():
+    rng = np.random.default_rng(3)
+    x = Tensor(rng.standard_normal((37, 50)).astype(np.float32))
+    w = Tensor(rng.standard_normal((50, 21)).astype(np.float32))
+    r = Tensor(rng.standard_normal((37, 21)).astype(np.float32))
+
+    class Loss(nn.Cell):
+        def __init__(self, product):
+            super().__init__()
+            self.product = product
+
+        def construct(self, x, w, weights):
+            return (self.product(x, w) * weights).sum()
+
+    ours = ms.grad(Loss(amx_matmul_op()), grad_position=(0, 1))(x, w, r)
+    theirs = ms.grad(Loss(ops.MatMul()), grad_position=(0, 1))(x, w, r)
+    for a, b in zip(ours, theirs):
+        a, b = a.asnumpy(), b.asnumpy()
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max(), np.abs(a - b).max()
+
+
+def test_gemm_choice_is_checked_and_follows_the_cpu(monkeypatch):
+    with pytest.raises(CogVLM2ConfigError, match="gemm 'fast' must be one of"):
+        resolve_gemm("fast", "CPU")
+    with pytest.raises(CogVLM2ConfigError, match="gemm 'amx' is a float32 CPU kernel"):
+        resolve_gemm("amx", "Ascend", "bfloat16")
+    assert resolve_gemm("auto", "Ascend", "bfloat16") == "onednn"
+    assert resolve_gemm("onednn", "CPU") == "onednn"
+    assert resolve_gemm("auto", "CPU") == ("amx" if amx_available() else "onednn")
+    # a CPU without AMX-BF16: auto quietly keeps oneDNN, amx is refused with what to set
+    monkeypatch.setattr(kernels_module, "amx_available", lambda: False)
+    assert resolve_gemm("auto", "CPU") == "onednn"
+    with pytest.raises(CogVLM2ConfigError, match="gemm 'amx' needs a CPU with AMX-BF16.*set gemm: onednn"):
+        resolve_gemm("amx", "CPU")
 
 
 @pytest.mark.parametrize("resolve, key, kernel, portable", [(resolve_decode_matmul, "decode_matmul", "rows", "onednn"),
@@ -88,7 +174,7 @@ def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
         kernels_module.build_library()
     message = str(info.value)
     assert "\n" not in message and "rows_matmul.cc" in message
-    assert "decode_matmul: onednn, kv_cache: concat and vision_kernels: ops" in message
+    assert "decode_matmul: onednn, kv_cache: concat, vision_kernels: ops and gemm: onednn" in message
     assert not any(name.endswith(".so") or ".tmp" in name for name in os.listdir(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(CogVLM2ConfigError, match="'no-such-compiler-xyz' is not on PATH"):

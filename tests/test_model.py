@@ -8,6 +8,7 @@ import pytest
 import mindspore as ms
 
 from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
+from cogvlm2.cogvlm2_cpu_kernels import amx_available
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(FIXTURES, "tiny_chat")
@@ -87,13 +88,18 @@ def test_vision_embeds(model, golden):
 
 
 def test_vision_embeds_with_mindspore_ops(model, converted, golden):
-    """``vision_kernels`` auto runs the CPU GELU/LayerNorm/attention kernels here; ``ops`` (MindSpore's,
-    what Ascend runs) must match the reference as well."""
+    """``vision_kernels`` auto runs the CPU GELU/LayerNorm/attention kernels here, and ``gemm`` auto the
+    AMX product where the CPU has it; ``ops`` with ``onednn`` (MindSpore's, what Ascend runs) must match
+    the reference as well."""
     layer = model.model.vision.transformer.layers[0]
     assert None not in (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel)
-    portable = CogVLM2ForVideo.from_pretrained(converted, vision_kernels="ops")
+    assert (layer.mlp.fc1.kernel is not None) == amx_available()
+    assert (model.step.matmul is not None) == amx_available()
+    portable = CogVLM2ForVideo.from_pretrained(converted, vision_kernels="ops", gemm="onednn")
     layer = portable.model.vision.transformer.layers[0]
     assert (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel) == (None, None, None)
+    assert layer.mlp.fc1.kernel is None and layer.attention.query_key_value.kernel is None
+    assert portable.step.matmul is None
     assert portable.model.vision.linear_proj.gelu_kernel is None
     assert portable.model.vision.linear_proj.norm1.kernel is None
     embeds = portable.encode_video(golden["pixel_values"]).asnumpy()

@@ -1,4 +1,4 @@
-// What the CPU kernels (rows_matmul.cc, decode_attention.cc, gelu.cc, layer_norm.cc,
+// What the CPU kernels (rows_matmul.cc, amx_matmul.cc, decode_attention.cc, gelu.cc, layer_norm.cc,
 // vision_attention.cc; built into one library by cogvlm2/cogvlm2_cpu_kernels.py) share: the SIMD vector
 // types and the threads they run on.
 #pragma once

@@ -1,0 +1,338 @@
+// y = x @ w in float32 on the AMX bf16 tile unit, to float32 accuracy ("bf16x3"): the products of
+// prefill and of the vision tower (products of fewer than 16 rows go to the rows kernel).
+//
+// x (M, K), w (K, N) (Linear's (in, out) layout), y (M, N), all float32 row-major.
+// A MindSpore "aot" Custom CPU kernel: AmxMatMul(nparam=3, params={x, w, y}, ...).
+//
+// How: every float32 value v is cut into three bfloat16 parts, hi = bf16(v), mid = bf16(v - hi),
+// lo = bf16(v - hi - mid) (round to nearest; the subtractions are exact), so v = hi + mid + lo to within
+// 2^-24 |v|, the rounding of float32 itself. A product a * b is then the six part products down to
+// 2^-16 |a b| (hi*hi, hi*mid, mid*hi, hi*lo, mid*mid, lo*hi); the three left out are below 2^-23 |a b|.
+// Each part product is exact in float32 and TDPBF16PS adds them into float32 accumulators, so a
+// K-term dot product has the error of a float32 one (K * 2^-24 scale), not bf16's 2^-8.
+// Six tile products per term against one float32 FMA: the tile unit does 1024 bf16 flops per cycle
+// and core, AVX-512 float32 FMA 64, so the ceiling is 2.7x float32's.
+//
+// Blocking: x is converted once per call into its three parts, rows padded to 32 and K to 32 (zeros).
+// Each thread takes panels of up to 128 columns of w and, chunk by chunk of up to 1024 values of K,
+// converts the panel's chunk into the tile unit's pair-interleaved layout (768 KiB, in L2 with the
+// 192 KiB of x a block reads); then for each 32-row block of x and 32-column block of the panel it keeps
+// the 2 x 2 tiles of sums (C) in the tile registers over the chunk: per 32 values of K, 24 tile products
+// on 2 A tiles and 2 B tiles reloaded part by part. Each chunk's sums start from zero and are added to
+// y in float32, so a long K is summed in chunks, as blocked float32 GEMMs do, not in one running sum.
+// Built by cogvlm2/cogvlm2_cpu_kernels.py (g++ -O3 -march=native ...): compiled only where the compiler
+// targets AMX-BF16 (else AmxMatMulAvailable() is 0); at run time the process must be granted the tile
+// state by the kernel (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+).
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "cpu_common.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#define COGVLM2_AMX 1
+#endif
+
+extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra);   // rows_matmul.cc
+
+namespace {
+
+// Fewer rows than this go to the rows kernel: the tile path pads rows to 32, and a product of a few
+// rows is bound by reading w, which the rows kernel does once (prefill's lm_head row, short prompts).
+constexpr int64_t kMinRows = 16;
+
+#ifdef COGVLM2_AMX
+
+constexpr int kTile = 16;          // rows of a tile; columns of a C tile (16 floats = 64 bytes)
+constexpr int64_t kStep = 32;      // values of K per tile row (32 bf16 = 64 bytes)
+constexpr int64_t kBlock = 32;     // rows / columns of a block of sums (2 x 2 tiles)
+constexpr int kParts = 3;          // hi, mid, lo
+constexpr int64_t kPanel = 128;    // columns of w a thread converts at once
+constexpr int64_t kChunk = 32;     // steps of 32 values of K per chunk
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+typedef uint16_t bf16;
+
+// The process may use the tile registers: the CPU has them and Linux grants their state.
+bool amx_ready() {
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                    18 /* XFEATURE_XTILEDATA */) == 0;
+  return ready;
+}
+
+// Tile configuration: palette 1, tiles 0-7 all 16 rows x 64 bytes. Per thread (ldtilecfg).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) {
+      colsb[t] = 64;
+      rows[t] = kTile;
+    }
+  }
+};
+
+// 16 floats -> the next bf16 part (round to nearest even), and v minus it (exact).
+inline __m256i take_part(__m512 &v) {
+  const __m256i part = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(part), 16)));
+  return part;
+}
+
+inline __mmask16 lanes(int64_t valid) {
+  return valid >= 16 ? __mmask16(0xFFFF) : valid <= 0 ? __mmask16(0) : __mmask16((1u << valid) - 1);
+}
+
+// Both operands are stored as whole tiles, 16 rows x 64 bytes contiguous (1 KiB), so a tile load reads
+// 16 consecutive cache lines. A tile of x: 16 rows x 32 values of K; a tile of w: 16 (k, k + 1) pairs x
+// 16 columns. For a 16-row (16-column) strip, step s (values 32 s .. 32 s + 31 of K), part p:
+// strip + (s * kParts + p) * kTileSize.
+constexpr int64_t kTileSize = kTile * kStep;        // bf16 values per tile
+
+// x rows [r0, r1) (16-row strips) -> a: strip t at a + t * steps * kParts * kTileSize; rows beyond M and
+// values beyond K are zeros.
+void convert_rows(const float *x, int64_t M, int64_t K, int64_t steps, int64_t r0, int64_t r1, bf16 *a) {
+  for (int64_t m = r0; m < r1; ++m) {
+    bf16 *strip = a + (m / kTile) * steps * kParts * kTileSize + (m % kTile) * kStep;
+    for (int64_t k = 0; k < steps * kStep; k += 16) {
+      __m512 v = m < M ? _mm512_maskz_loadu_ps(lanes(K - k), x + m * K + k) : _mm512_setzero_ps();
+      bf16 *at = strip + (k / kStep) * kParts * kTileSize + k % kStep;
+      for (int p = 0; p < kParts; ++p)
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(at + p * kTileSize), take_part(v));
+    }
+  }
+}
+
+// Rows [k0, k0 + 32 steps) x columns [n0, n0 + width) of w -> b in 16-column strips (strip j at
+// b + j * steps * kParts * kTileSize), each tile row holding 16 columns' (k, k + 1) pairs. Columns
+// beyond N and rows beyond K are zeros.
+constexpr int64_t kAhead = 8;     // rows of w prefetched ahead
+
+void convert_panel(const float *w, int64_t K, int64_t N, int64_t k0, int64_t steps, int64_t n0, int64_t width,
+                   bf16 *b) {
+  for (int64_t kp = 0; kp < steps * kTile; ++kp) {
+    const int64_t k = k0 + 2 * kp;
+    bf16 *row = b + (kp / kTile) * kParts * kTileSize + (kp % kTile) * kStep;
+    for (int64_t c = 0; c < width; c += 16) {
+      // w is usually not in cache (other ops ran since its last use) and is read down its rows
+      if (k + kAhead + 1 < K) {
+        _mm_prefetch(reinterpret_cast<const char *>(w + (k + kAhead) * N + n0 + c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char *>(w + (k + kAhead + 1) * N + n0 + c), _MM_HINT_T0);
+      }
+      const __mmask16 valid = lanes(N - n0 - c);
+      __m512 even = k < K ? _mm512_maskz_loadu_ps(valid, w + k * N + n0 + c) : _mm512_setzero_ps();
+      __m512 odd = k + 1 < K ? _mm512_maskz_loadu_ps(valid, w + (k + 1) * N + n0 + c) : _mm512_setzero_ps();
+      bf16 *at = row + (c / 16) * steps * kParts * kTileSize;
+      for (int p = 0; p < kParts; ++p) {
+        const __m512i lo = _mm512_cvtepu16_epi32(take_part(even));
+        const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(take_part(odd)), 16);
+        _mm512_storeu_si512(at + p * kTileSize, _mm512_or_si512(lo, hi));
+      }
+    }
+  }
+}
+
+// Tiles: 0-3 the sums C[r][c] (tile 2r + c), 4-5 the A strips r = 0, 1, 6-7 the B strips c = 0, 1.
+// Tiles are not renamed: a load waits until the products reading the tile it replaces are done, and a
+// product waits for its loads. So each load is issued as soon as its tile's last product is, with two
+// products on the other tiles to run meanwhile.
+// The 32 x 32 sums over `steps` steps of two A strips (a0, a0 + a_strip) and two B strips (b0,
+// b0 + b_strip), from zero, into the C tiles.
+inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t b_strip, int64_t steps) {
+  const bf16 *a1 = a0 + a_strip, *b1 = b0 + b_strip;
+  constexpr int64_t kMid = kTileSize, kLo = 2 * kTileSize, kNext = kParts * kTileSize;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, a0, 64);
+  _tile_loadd(5, a1, 64);
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(7, b1, 64);
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t at = s * kNext;
+    const bf16 *ah = a0 + at, *ah1 = a1 + at, *bh = b0 + at, *bh1 = b1 + at;
+    // hi x hi
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(6, bh + kMid, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(7, bh1 + kMid, 64);
+    // hi x mid
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(6, bh + kLo, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(7, bh1 + kLo, 64);
+    // hi x lo
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(4, ah + kMid, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(6, bh + kMid, 64);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(5, ah1 + kMid, 64);
+    _tile_loadd(7, bh1 + kMid, 64);
+    // mid x mid
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(6, bh, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(7, bh1, 64);
+    // mid x hi
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(4, ah + kLo, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(5, ah1 + kLo, 64);
+    // lo x hi, then the next step's hi parts
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (s + 1 < steps) _tile_loadd(4, ah + kNext, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    if (s + 1 < steps) _tile_loadd(6, bh + kNext, 64);
+    _tile_dpbf16ps(3, 5, 7);
+    if (s + 1 < steps) {
+      _tile_loadd(5, ah1 + kNext, 64);
+      _tile_loadd(7, bh1 + kNext, 64);
+    }
+  }
+}
+
+// C tiles -> y rows [m0, m0 + 32) x columns [n, n + 32), clipped to M x N; added to y unless `first`.
+inline void store_sums(float *y, int64_t M, int64_t N, int64_t m0, int64_t n, bool first) {
+  if (first && m0 + kBlock <= M && n + kBlock <= N) {
+    const int stride = static_cast<int>(N * 4);
+    _tile_stored(0, y + m0 * N + n, stride);
+    _tile_stored(1, y + m0 * N + n + kTile, stride);
+    _tile_stored(2, y + (m0 + kTile) * N + n, stride);
+    _tile_stored(3, y + (m0 + kTile) * N + n + kTile, stride);
+    return;
+  }
+  alignas(64) float c[kBlock * kBlock];
+  _tile_stored(0, c, kBlock * 4);
+  _tile_stored(1, c + kTile, kBlock * 4);
+  _tile_stored(2, c + kTile * kBlock, kBlock * 4);
+  _tile_stored(3, c + kTile * kBlock + kTile, kBlock * 4);
+  const int64_t rows = std::min(kBlock, M - m0), cols = std::min(kBlock, N - n);
+  for (int64_t r = 0; r < rows; ++r) {
+    float *out = y + (m0 + r) * N + n;
+    const float *sums = c + r * kBlock;
+    if (first) {
+      std::memcpy(out, sums, sizeof(float) * cols);
+      continue;
+    }
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 valid = lanes(cols - j);
+      _mm512_mask_storeu_ps(out + j, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, out + j),
+                                                           _mm512_load_ps(sums + j)));
+    }
+  }
+}
+
+// A per-thread buffer of at least `size` bf16 values, 64-byte aligned (a tile row that straddles two
+// cache lines halves the tile unit's rate), kept for the thread's next call (no page faults per call).
+struct Buffer {
+  struct Free {
+    void operator()(bf16 *p) const { std::free(p); }
+  };
+  std::unique_ptr<bf16, Free> data;
+  size_t size = 0;
+  bf16 *grown(size_t wanted) {
+    if (size < wanted) {
+      data.reset(static_cast<bf16 *>(std::aligned_alloc(64, round_up(wanted * sizeof(bf16), 64))));
+      size = wanted;
+    }
+    return data.get();
+  }
+};
+
+void amx_matmul(const float *x, const float *w, float *y, int64_t M, int64_t K, int64_t N) {
+  const int64_t Mp = round_up(M, kBlock), steps = round_up(K, kStep) / kStep;
+  const int64_t strip = steps * kParts * kTileSize;          // bf16 values of a 16-row / column strip
+  static thread_local Buffer a_buffer;                        // x's parts
+  bf16 *a = a_buffer.grown(static_cast<size_t>(Mp / kTile * strip));
+  const int64_t row_strips = Mp / kTile;
+  cogvlm2::parallel(row_strips, [&](int t, int n) {
+    convert_rows(x, M, K, steps, row_strips * t / n * kTile, row_strips * (t + 1) / n * kTile, a);
+  });
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  cogvlm2::parallel(panels, [&](int t, int n) {
+    static thread_local Buffer b_buffer;                      // a panel of w's parts
+    static thread_local TileConfig config;
+    _tile_loadconfig(&config);
+    bf16 *b = b_buffer.grown(static_cast<size_t>(kPanel / kTile * std::min(steps, kChunk) * kParts * kTileSize));
+    for (int64_t panel = t; panel < panels; panel += n) {
+      const int64_t n0 = panel * kPanel, width = std::min(kPanel, round_up(N - n0, kBlock));
+      for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
+        const int64_t chunk = std::min(kChunk, steps - s0), b_strip = chunk * kParts * kTileSize;
+        convert_panel(w, K, N, s0 * kStep, chunk, n0, width, b);
+        for (int64_t m0 = 0; m0 < Mp; m0 += kBlock)
+          for (int64_t j = 0; j < width; j += kBlock) {
+            block_sums(a + m0 / kTile * strip + s0 * kParts * kTileSize, strip, b + j / kTile * b_strip, b_strip,
+                       chunk);
+            store_sums(y, M, N, m0, n0 + j, s0 == 0);
+          }
+      }
+    }
+    _tile_release();
+  });
+}
+
+#endif  // COGVLM2_AMX
+
+}  // namespace
+
+// 1 if this library has the AMX path and the process may use the tile registers, else 0.
+extern "C" int AmxMatMulAvailable() {
+#ifdef COGVLM2_AMX
+  return amx_ready() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+extern "C" int AmxMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  for (int i = 0; i < 3; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return 2;
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
+  if (shapes[1][0] != K || shapes[2][0] != M || shapes[2][1] != N) return 3;
+  if (M < kMinRows) return RowsMatMul(nparam, params, ndims, shapes, dtypes, stream, extra);
+#ifdef COGVLM2_AMX
+  if (!amx_ready()) return 4;
+  if (N == 0) return 0;
+  float *y = static_cast<float *>(params[2]);
+  if (K == 0) {
+    std::memset(y, 0, sizeof(float) * M * N);
+    return 0;
+  }
+  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), y, M, K, N);
+  return 0;
+#else
+  (void)params;
+  return 4;
+#endif
+}
+
+// Output shape for MindSpore's graph compiler and its dynamic-shape runtime: (M, N).
+extern "C" std::vector<int64_t> AmxMatMulInferShape(int *ndims, int64_t **shapes, void *extra) {
+  (void)ndims;
+  (void)extra;
+  return {shapes[0][0], shapes[1][1]};
+}
