@@ -113,7 +113,7 @@ void convert_rows(const float *x, int64_t M, int64_t K, int64_t steps, int64_t r
   }
 }
 
-// Rows [k0, k0 + 32 steps) x columns [n0, n0 + width) of w -> b in 16-column strips (strip j at
+// Rows [k0, k0 + 32 * steps) x columns [n0, n0 + width) of w -> b in 16-column strips (strip j at
 // b + j * steps * kParts * kTileSize), each tile row holding 16 columns' (k, k + 1) pairs. Columns
 // beyond N and rows beyond K are zeros.
 constexpr int64_t kAhead = 8;     // rows of w prefetched ahead
