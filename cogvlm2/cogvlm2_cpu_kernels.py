@@ -281,21 +281,21 @@ def resolve_vision_kernels(choice: str, device_target: str, compute_dtype: str =
 
 def resolve_gemm(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
     """The config value -> "amx" (``amx_matmul_op`` in the vision tower, the adapter and the prefill step)
-    or "onednn" (ops.MatMul). "auto" picks amx on a float32 CPU model whose CPU and kernel allow AMX
-    (silently onednn on one without, with a warning if the library does not build)."""
-    if choice == "auto" and device_target == "CPU" and compute_dtype == "float32" \
-            and "amx_bf16" not in _cpu_flags().split():
+    or "onednn" (ops.MatMul). "auto" picks amx on a float32 CPU model whose CPU and kernel allow AMX:
+    quietly onednn on a CPU without AMX-BF16, with a warning if the library does not build or Linux does
+    not grant the tile state."""
+    if choice == "auto" and "amx_bf16" not in _cpu_flags().split():
         return "onednn"
-    resolved = _resolve("gemm", choice, GEMM_CHOICES, "amx", "onednn", build_library, device_target,
-                        compute_dtype)
-    if resolved == "amx" and not amx_available():
-        if choice == "amx":
-            raise CogVLM2ConfigError("gemm 'amx' needs a CPU with AMX-BF16 whose tile state Linux grants "
-                                     "(arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+); this one does not: "
-                                     "set gemm: onednn or auto")
-        _logger.warning("gemm auto: using onednn: the CPU lists AMX-BF16 but this process may not use it")
-        return "onednn"
-    return resolved
+    return _resolve("gemm", choice, GEMM_CHOICES, "amx", "onednn", _build_amx, device_target, compute_dtype)
+
+
+def _build_amx():
+    """The library, and the tile registers for this process: a CogVLM2ConfigError if they are not granted."""
+    build_library()
+    if not amx_available():
+        raise CogVLM2ConfigError("gemm 'amx' needs a CPU with AMX-BF16 whose tile state Linux grants "
+                                 "(arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+); this one does not: "
+                                 "set gemm: onednn or auto")
 
 
 def _resolve(key, choice, choices, kernel, portable, build, device_target, compute_dtype) -> str:

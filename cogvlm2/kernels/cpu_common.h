@@ -39,6 +39,11 @@ inline void store8(float *p, dvec8 v) {
   std::memcpy(p, &f, sizeof(f));
 }
 
+// The dtype name MindSpore's aot interface gives a float32 tensor ("float32", or "float" in some paths).
+inline bool is_float32(const char *dtype) {
+  return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0;
+}
+
 inline int cpu_count() {
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;

@@ -67,7 +67,7 @@ extern "C" int FusedGelu(int nparam, void **params, int *ndims, int64_t **shapes
   (void)extra;
   if (nparam != 2 || ndims[0] != ndims[1]) return 1;
   for (int i = 0; i < 2; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return 2;
+    if (!cogvlm2::is_float32(dtypes[i])) return 2;
   int64_t n = 1;
   for (int d = 0; d < ndims[0]; ++d) {
     if (shapes[0][d] != shapes[1][d]) return 3;

@@ -58,7 +58,7 @@ extern "C" int FusedLayerNorm(int nparam, void **params, int *ndims, int64_t **s
   if (nparam != 5 || ndims[0] < 1 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 1 || ndims[4] != ndims[0])
     return 1;
   for (int i = 0; i < 5; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return 2;
+    if (!cogvlm2::is_float32(dtypes[i])) return 2;
   const int64_t C = shapes[0][ndims[0] - 1];
   if (shapes[1][0] != C || shapes[2][0] != C || shapes[3][0] != 1) return 3;
   int64_t rows = 1;

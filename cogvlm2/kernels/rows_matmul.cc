@@ -124,7 +124,7 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
   (void)extra;
   if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
   for (int i = 0; i < 3; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return 2;
+    if (!cogvlm2::is_float32(dtypes[i])) return 2;
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
   if (shapes[1][0] != K || shapes[2][0] != M || shapes[2][1] != N) return 3;
   const float *x = static_cast<const float *>(params[0]);

@@ -177,8 +177,7 @@ extern "C" int VisionAttention(int nparam, void **params, int *ndims, int64_t **
   (void)stream;
   (void)extra;
   if (nparam != 3 || ndims[0] != 3 || ndims[1] != 1 || ndims[2] != 3) return 1;
-  if ((std::strcmp(dtypes[0], "float32") != 0 && std::strcmp(dtypes[0], "float") != 0) ||
-      std::strcmp(dtypes[1], "int32") != 0)
+  if (!cogvlm2::is_float32(dtypes[0]) || std::strcmp(dtypes[1], "int32") != 0)
     return 2;
   const int64_t T = shapes[0][0], L = shapes[0][1], width = shapes[0][2];
   const int heads = static_cast<const int32_t *>(params[1])[0];
