@@ -9,7 +9,8 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
   prefill (empty cache) and every decode step; with ``gemm`` amx (auto on a CPU with AMX-BF16) its
   Linears, like the vision tower's, use the AMX product, which hands products of fewer than 16 rows
-  to the rows kernel;
+  to the rows kernel; with ``prefill_attention`` fused (auto on CPU) its attention is the prefill
+  attention kernel;
 - with ``decode_matmul`` rows (auto on CPU): the same step with the rows kernel in every decoder
   Linear and the lm_head (``decode_step``), which ``run_step`` uses for decode calls of 2-16
   sequences (one token each): oneDNN re-reads each weight for 2-15 rows, the kernel once;
@@ -37,8 +38,9 @@ from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model
 from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_matmul_op, decode_attention_op, gelu_op,
-                                         layer_norm_op, resolve_decode_matmul, resolve_gemm, resolve_kv_cache,
-                                         resolve_vision_kernels, rows_matmul_op, vision_attention_op)
+                                         layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
+                                         resolve_kv_cache, resolve_prefill_attention, resolve_vision_kernels,
+                                         rows_matmul_op, vision_attention_op)
 from cogvlm2.cogvlm2_vision import VisionKernels
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
@@ -61,20 +63,22 @@ class CausalLMStep(nn.Cell):
     logits_index (M, 1) int32 flat positions b*L + l -> logits (M, vocab) float32, new past.
 
     matmul: the product every decoder Linear and the lm_head use in this graph (None: ops.MatMul;
-    the decode step graph gets the rows kernel, see ``cogvlm2_cpu_kernels``).
+    the decode step graph gets the rows kernel, see ``cogvlm2_cpu_kernels``); attend: the decoder's
+    attention (None: ``cogvlm2_layers.attention``; on CPU the prefill attention kernel).
     """
 
-    def __init__(self, model: CogVLM2Model, lm_head: Linear, matmul=None):
+    def __init__(self, model: CogVLM2Model, lm_head: Linear, matmul=None, attend=None):
         super().__init__()
         self.model = model
         self.lm_head = lm_head
         self.matmul = matmul
+        self.attend = attend
 
     @ms.jit   # compiled as a graph in PYNATIVE_MODE too (GRAPH_MODE compiles every Cell anyway)
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
                   logits_index):
         hidden, new_past = self.model(input_ids, vision_embeds, vision_index, expert_mask, position_ids,
-                                      bias, past, self.matmul)                     # (B*L, H)
+                                      bias, past, self.matmul, self.attend)        # (B*L, H)
         picked = ops.gather_nd(hidden, logits_index)                               # (M, H)
         return self.lm_head(picked, self.matmul).astype(ms.float32), new_past      # (M, vocab)
 
@@ -120,7 +124,8 @@ class CogVLM2ForVideo(PreTrainedModel):
         self.model = CogVLM2Model(config, _vision_kernels(config, gemm) if compile_graphs else VisionKernels())
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
         # Not registered as child cells: they share model/lm_head, whose names stay model.* / lm_head.*
-        object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head, gemm))
+        attend = _prefill_attention(config) if compile_graphs else None
+        object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head, gemm, attend))
         # decode calls (one token per row, 2..ROWS_PER_PASS rows) get their own graph when
         # decode_matmul resolves to the rows kernel; None: the one step graph serves every call
         object.__setattr__(self, "decode_step", None)
@@ -133,7 +138,8 @@ class CogVLM2ForVideo(PreTrainedModel):
             device = ms.get_context("device_target")
             rows = resolve_decode_matmul(config.decode_matmul, device, config.compute_dtype) == "rows"
             if rows:
-                object.__setattr__(self, "decode_step", CausalLMStep(self.model, self.lm_head, rows_matmul_op()))
+                object.__setattr__(self, "decode_step",
+                                   CausalLMStep(self.model, self.lm_head, rows_matmul_op(), attend))
             if resolve_kv_cache(config.kv_cache, device, config.compute_dtype) == "slots":
                 object.__setattr__(self, "slot_step", SlotDecodeStep(self.model, self.lm_head, decode_attention_op()))
                 if rows:
@@ -339,6 +345,15 @@ def _gemm(config):
     """The AMX product if ``gemm`` resolves to amx, else None (ops.MatMul)."""
     if resolve_gemm(config.gemm, ms.get_context("device_target"), config.compute_dtype) == "amx":
         return amx_matmul_op()
+    return None
+
+
+def _prefill_attention(config):
+    """The prefill attention kernel if ``prefill_attention`` resolves to fused, else None (the portable
+    attention)."""
+    if resolve_prefill_attention(config.prefill_attention, ms.get_context("device_target"),
+                                 config.compute_dtype) == "fused":
+        return prefill_attention_op()
     return None
 
 

@@ -17,13 +17,19 @@
   BatchMatMuls and a softmax.
   These three kernels' gradients (``bprop``) are MindSpore ops, so a training graph with the tower in
   it differentiates through them.
+- ``prefill_attention_op()``: the decoder's attention on the functional cache for any number of new
+  tokens (``kernels/prefill_attention.cc``): one task per sequence and query head on the vision kernel's
+  core (``kernels/attention_core.h``), each block of query rows stopping at its last visible key, instead
+  of the grouped bias, two BatchMatMuls, an add and a softmax over every key. Only the inference step
+  graphs use it (no gradient).
 - ``amx_matmul_op()``: ``x (M, K) @ w (K, N)`` of many rows (the vision tower, the adapter, prefill) on
   the AMX bf16 tile unit at float32 accuracy: each float32 is split into three bfloat16 parts and the
   six significant part products are summed in float32 (``kernels/amx_matmul.cc``); fewer than 16 rows
   go to the rows kernel. Differentiable (its gradient is two MindSpore MatMuls).
-- ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` / ``resolve_gemm``: a
-  config value -> what runs ("auto": the kernels on a float32 CPU model when they build, the portable
-  ops elsewhere; for ``gemm`` also only on a CPU with AMX-BF16 that Linux lets the process use).
+- ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` /
+  ``resolve_prefill_attention`` / ``resolve_gemm``: a config value -> what runs ("auto": the kernels on a
+  float32 CPU model when they build, the portable ops elsewhere; for ``gemm`` also only on a CPU with
+  AMX-BF16 that Linux lets the process use).
 
 The library is compiled with g++ at first use into a per-user cache, named by a hash of the sources,
 flags, compiler and CPU, and renamed into place atomically, so concurrent first uses and other machines
@@ -46,27 +52,29 @@ from mindspore.ops import CustomRegOp, DataType
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
 __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES", "ROWS_PER_PASS",
-           "GEMM_CHOICES", "resolve_decode_matmul", "resolve_kv_cache", "resolve_vision_kernels", "resolve_gemm",
-           "rows_matmul_op", "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op",
+           "GEMM_CHOICES", "PREFILL_ATTENTION_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
+           "resolve_vision_kernels", "resolve_prefill_attention", "resolve_gemm", "rows_matmul_op",
+           "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
            "amx_matmul_op", "amx_available", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
 VISION_KERNELS_CHOICES = ("auto", "ops", "fused")
 GEMM_CHOICES = ("auto", "onednn", "amx")
+PREFILL_ATTENTION_CHOICES = ("auto", "ops", "fused")
 ROWS_PER_PASS = 16          # rows the kernel keeps in registers per pass over the weight (kMaxRows)
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCES = tuple(os.path.join(KERNELS, name)
                 for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
-                             "vision_attention.cc", "amx_matmul.cc"))
-HEADERS = (os.path.join(KERNELS, "cpu_common.h"),)
+                             "vision_attention.cc", "prefill_attention.cc", "amx_matmul.cc"))
+HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h"))
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
 # No OpenMP: the kernels run on MindSpore's own kernel threads (cpu_common.h), else on a few worker
 # threads that sleep on a condition variable between calls, so nothing spins beside MindSpore's pool.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 LIBS = ("-ldl",)      # dlopen/dlsym: the kernels find MindSpore's thread pool at run time (cpu_common.h)
-FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops and gemm: onednn to run "
-       "without it")
+FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, prefill_attention: ops "
+       "and gemm: onednn to run without it")
 
 _logger = logging.getLogger(__name__)
 _ops = {}
@@ -186,6 +194,15 @@ def vision_attention_op(heads: int):
                    _vision_attention_bprop(heads), key=f"VisionAttention/{heads}")
 
 
+def prefill_attention_op():
+    """``(q (B, Hq, L, d), k, v (B, Hkv, S, d), bias (B, 1, L, S)) -> (B, L, Hq * d)`` float32: per sequence
+    and query head h (kv head h / (Hq / Hkv)), softmax((q d^-0.5) k^T + bias) v, dynamic shapes
+    (``kernels/prefill_attention.cc``). Keys a bias at or below -1e8 masks get no weight, as in the portable
+    softmax. No gradient: the training graphs keep the portable attention."""
+    f32 = DataType.F32_Default
+    return _custom("PrefillAttention", [("q", f32), ("k", f32), ("v", f32), ("bias", f32)])
+
+
 def amx_matmul_op():
     """``(x (M, K), w (K, N)) -> (M, N)`` float32 on the AMX tile unit, float32 accuracy, dynamic shapes
     (``kernels/amx_matmul.cc``); differentiable in x and w. Only where ``amx_available()``."""
@@ -276,6 +293,13 @@ def resolve_vision_kernels(choice: str, device_target: str, compute_dtype: str =
     """The config value -> "fused" (``gelu_op``, ``layer_norm_op`` and ``vision_attention_op`` in the
     vision tower and adapter) or "ops" (MindSpore's ops, every backend)."""
     return _resolve("vision_kernels", choice, VISION_KERNELS_CHOICES, "fused", "ops", build_library,
+                    device_target, compute_dtype)
+
+
+def resolve_prefill_attention(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
+    """The config value -> "fused" (``prefill_attention_op`` in the causal-LM step graphs) or "ops"
+    (``cogvlm2_layers.attention``, every backend)."""
+    return _resolve("prefill_attention", choice, PREFILL_ATTENTION_CHOICES, "fused", "ops", build_library,
                     device_target, compute_dtype)
 
 

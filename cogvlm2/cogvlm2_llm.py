@@ -89,8 +89,10 @@ class VisionExpertAttention(nn.Cell):
         v = self._heads(qkv[:, self.hidden_size + self.kv_size:], self.num_kv_heads, b, length)
         return apply_rotary(q, rope_q), apply_rotary(k, rope_k), v
 
-    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None):
-        """x: (B*L, H) flat tokens; rope_q/rope_k: (cos, sin) each (B, heads, L, d)."""
+    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None, attend=None):
+        """x: (B*L, H) flat tokens; rope_q/rope_k: (cos, sin) each (B, heads, L, d). attend: the prefill
+        attention kernel ((q, k, v, bias (B, 1, L, S)) -> (B, L, H)), or None: ``attention`` on the
+        grouped bias (``CogVLM2Model.layer_inputs`` gives the bias each wants)."""
         b, _, length, _ = rope_q[0].shape
         qkv = self.language_expert_query_key_value(x, matmul)                    # (B*L, H + 2*kv)
         if self.has_vision_expert:
@@ -98,8 +100,11 @@ class VisionExpertAttention(nn.Cell):
         q, k, v = self._rotated_heads(qkv, rope_q, rope_k, b, length)
         key = ops.concat((past_key, k), 2)                                 # (B, Hkv, S + L, d)
         value = ops.concat((past_value, v), 2)
-        out = attention(q, key, value, bias, self.scale)                   # (B, Hq, L, d)
-        out = out.swapaxes(1, 2).reshape(b * length, self.hidden_size)
+        if attend is None:
+            out = attention(q, key, value, bias, self.scale)               # (B, Hq, L, d)
+            out = out.swapaxes(1, 2).reshape(b * length, self.hidden_size)
+        else:
+            out = attend(q, key, value, bias).reshape(b * length, self.hidden_size)   # (B, L, H) -> (B*L, H)
         dense = self.language_expert_dense(out, matmul)
         if self.has_vision_expert:
             dense = _route(expert_mask, dense, self.vision_expert_dense(out, matmul))
@@ -156,10 +161,10 @@ class CogVLMDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = VisionExpertMLP(config, dtype)
 
-    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None):
+    def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None, attend=None):
         """x: (B*L, H) -> (B*L, H) and this layer's extended cache."""
         attn, key, value = self.self_attn(self.input_layernorm(x), expert_mask, rope_q, rope_k, bias,
-                                          past_key, past_value, matmul)
+                                          past_key, past_value, matmul, attend)
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h), expert_mask, matmul), key, value
 
@@ -209,11 +214,12 @@ class CogVLM2Model(nn.Cell):
         return (expand_rotary(cos, sin, self.num_heads, self.compute_dtype),
                 expand_rotary(cos, sin, self.num_kv_heads, self.compute_dtype))
 
-    def layer_inputs(self, position_ids, bias):
-        """What every layer shares: the rotary angles and the attention bias (B, 1, L, S) in the
-        grouped-score layout."""
+    def layer_inputs(self, position_ids, bias, grouped=True):
+        """What every layer shares: the rotary angles and the attention bias (B, 1, L, S), in the
+        grouped-score layout of ``attention`` (``grouped``) or as given (the prefill attention kernel's)."""
         rope_q, rope_k = self.rope(position_ids)
-        return rope_q, rope_k, grouped_bias(bias.astype(ms.float32), self.num_kv_heads, self.group)
+        bias = bias.astype(ms.float32)
+        return rope_q, rope_k, grouped_bias(bias, self.num_kv_heads, self.group) if grouped else bias
 
     def trace(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias):
         """Like ``construct`` without a cache, layer by layer (for checking against the reference):
@@ -229,15 +235,16 @@ class CogVLM2Model(nn.Cell):
         return [h.reshape(shape) for h in states[:-1] + [self.norm(x)]]
 
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
-                  matmul=None):
+                  matmul=None, attend=None):
         """-> final-norm hidden states (B*L, H) and the new cache (k0, v0, k1, v1, ...). matmul: the
-        decoder Linears' product (None: ops.MatMul; the decode step graph passes the rows kernel)."""
+        decoder Linears' product (None: ops.MatMul; the decode step graph passes the rows kernel);
+        attend: the attention (None: ``attention``; the CPU step graphs pass the prefill kernel)."""
         x = self.embed(input_ids, vision_embeds, vision_index)
-        rope_q, rope_k, bias = self.layer_inputs(position_ids, bias)
+        rope_q, rope_k, bias = self.layer_inputs(position_ids, bias, attend is None)
         new_past = ()
         for i in range(self.num_layers):
             x, key, value = self.layers[i](x, expert_mask, rope_q, rope_k, bias, past[2 * i], past[2 * i + 1],
-                                           matmul)
+                                           matmul, attend)
             new_past = new_past + (key, value)
         return self.norm(x), new_past
 

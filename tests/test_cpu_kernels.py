@@ -1,7 +1,8 @@
 """The CPU kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode they run
 in: the rows kernel, the AMX product and its gradient, the decode attention on the slot cache (written in
-place, read back by the next step), the vision tower's GELU, LayerNorm and attention and their gradients;
-the slot decode step against the functional step; build errors and config choices."""
+place, read back by the next step), the vision tower's GELU, LayerNorm and attention and their gradients,
+the decoder's prefill attention; the slot decode step against the functional step; build errors and
+config choices."""
 import math
 import os
 
@@ -13,9 +14,11 @@ from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
 from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_matmul_op, decode_attention_op, gelu_op,
-                                         layer_norm_op, resolve_decode_matmul, resolve_gemm, resolve_kv_cache,
-                                         resolve_vision_kernels, rows_matmul_op, vision_attention_op)
-from cogvlm2.cogvlm2_layers import attention
+                                         layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
+                                         resolve_kv_cache, resolve_prefill_attention, resolve_vision_kernels,
+                                         rows_matmul_op, vision_attention_op)
+from cogvlm2.cogvlm2_layers import attention, grouped_bias
+from cogvlm2.cogvlm2_token_types import causal_bias
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, ContextLengthError
 from cogvlm2.cogvlm2_kv_cache import SlotKVCache
 
@@ -154,7 +157,9 @@ def test_gemm_choice_is_checked_and_follows_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("resolve, key, kernel, portable", [(resolve_decode_matmul, "decode_matmul", "rows", "onednn"),
                                                            (resolve_kv_cache, "kv_cache", "slots", "concat"),
-                                                           (resolve_vision_kernels, "vision_kernels", "fused", "ops")])
+                                                           (resolve_vision_kernels, "vision_kernels", "fused", "ops"),
+                                                           (resolve_prefill_attention, "prefill_attention", "fused",
+                                                            "ops")])
 def test_unknown_choice_and_device_are_one_clear_error(resolve, key, kernel, portable):
     with pytest.raises(CogVLM2ConfigError, match=f"{key} 'fast' must be one of"):
         resolve("fast", "CPU")
@@ -174,7 +179,7 @@ def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
         kernels_module.build_library()
     message = str(info.value)
     assert "\n" not in message and "rows_matmul.cc" in message
-    assert "decode_matmul: onednn, kv_cache: concat, vision_kernels: ops and gemm: onednn" in message
+    assert "decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, prefill_attention: ops and gemm: onednn" in message
     assert not any(name.endswith(".so") or ".tmp" in name for name in os.listdir(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(CogVLM2ConfigError, match="'no-such-compiler-xyz' is not on PATH"):
@@ -354,6 +359,70 @@ def test_vision_attention_kernel_matches_float64(frames, length, heads, d):
     bound = bound.transpose(0, 2, 1, 3).reshape(frames, length, heads * d)
     assert got.shape == exact.shape
     assert np.all(np.abs(got - exact) <= bound), np.abs(got - exact).max()
+
+
+class DecoderAttention(nn.Cell):
+    """The prefill kernel on the raw bias, or the portable path on the grouped bias; -> (B, L, Hq * d)."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def construct(self, q, k, v, bias):
+        b, hq, length, d = q.shape
+        if self.kernel is not None:
+            return self.kernel(q, k, v, bias)
+        hkv = k.shape[1]
+        out = attention(q, k, v, grouped_bias(bias, hkv, hq // hkv), d ** -0.5)
+        return out.swapaxes(1, 2).reshape(b, length, hq * d)
+
+
+def decoder_attention(kernel, q, k, v, bias):
+    cell = DecoderAttention(kernel)
+    cell.set_inputs(*(Tensor(shape=[None] * 4, dtype=ms.float32) for _ in range(4)))
+    return cell(Tensor(q), Tensor(k), Tensor(v), Tensor(bias)).asnumpy()
+
+
+@pytest.mark.parametrize("batch, hq, hkv, length, past, d, holes", [
+    (1, 16, 4, 413, 0, 64, False),    # the bench model's prompt: causal, GQA groups of 4
+    (2, 4, 2, 7, 5, 16, False),       # new tokens after a cache
+    (2, 8, 2, 1, 30, 64, False),      # one decode token per row
+    (3, 4, 4, 9, 0, 24, True),        # padding and holes in the attention mask
+    (1, 2, 1, 37, 0, 100, True),      # head size not a multiple of 16
+    (2, 3, 1, 70, 3, 7, True)])
+def test_prefill_attention_kernel_matches_float64(batch, hq, hkv, length, past, d, holes):
+    """Rows that see a key: within the float32 bound of the vision kernel's test (keys a row does not
+    see get weight 0 in float64 as in the portable softmax, the kernel leaves those after its block's
+    last visible key out). Rows that see none (padding): the portable path's output."""
+    rng = np.random.default_rng(length * d + hq)
+    total = past + length
+    q = (rng.standard_normal((batch, hq, length, d)) * 2).astype(np.float32)
+    k = (rng.standard_normal((batch, hkv, total, d)) * 2).astype(np.float32)
+    v = rng.standard_normal((batch, hkv, total, d)).astype(np.float32)
+    mask = np.ones((batch, total), np.int64)
+    if holes:
+        mask[0, :past + length // 2] = 0                     # left padding: early rows see nothing
+        mask[-1] = rng.integers(0, 2, total)
+        mask[-1, -1] = 1
+    bias = causal_bias(mask, past)                           # (B, 1, L, S)
+    got = decoder_attention(prefill_attention_op(), q, k, v, bias)
+    portable = decoder_attention(None, q, k, v, bias)
+    group = hq // hkv
+    k64, v64 = (np.repeat(np.asarray(x, np.float64), group, 1) for x in (k, v))      # (B, Hq, S, d)
+    scaled = (q * np.float32(d ** -0.5)).astype(np.float64)
+    scores = scaled @ k64.swapaxes(-1, -2) + bias
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    exact = (probs @ v64).transpose(0, 2, 1, 3).reshape(batch, length, hq * d)
+    eps = np.finfo(np.float32).eps
+    score_error = d * eps * (np.abs(scaled) @ np.abs(k64).swapaxes(-1, -2)).max(-1, keepdims=True)
+    bound = (2 * score_error + 2 * total * eps + eps) * np.abs(v64).max(-2, keepdims=True)   # (B, Hq, L, d)
+    bound = bound.transpose(0, 2, 1, 3).reshape(batch, length, hq * d)
+    sees = (bias[:, 0] == 0).any(-1)                                                  # (B, L)
+    assert got.shape == exact.shape == portable.shape
+    assert np.all(np.abs(got - exact)[sees] <= bound[sees]), np.abs(got - exact)[sees].max()
+    assert np.isfinite(got).all()
+    assert np.abs(got - portable)[~sees].max(initial=0) <= 1e-5 * np.abs(v).max()
 
 
 def test_vision_attention_gradient_matches_the_portable_path():
