@@ -76,10 +76,10 @@ struct Scratch {
         }
   }
 
-  // the block's `rows` query rows (`stride` floats apart) times scale; the rest of the kRows zero
-  void load_queries(const float *q, int64_t stride, int rows, int64_t d, float scale) {
+  // the block's `rows` query rows (q[r]: d floats each) times scale; the rest of the kRows zero
+  void load_queries(const float *const *q, int rows, int64_t d, float scale) {
     for (int r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < d; ++c) queries[r * d + c] = q[r * stride + c] * scale;
+      for (int64_t c = 0; c < d; ++c) queries[r * d + c] = q[r][c] * scale;
     std::fill(queries.begin() + rows * d, queries.end(), 0.f);
   }
 };
@@ -144,10 +144,10 @@ inline void softmax_row(float *s, int64_t L, int64_t Lp) {
   for (int64_t j = 0; j < Lp; j += kLanes) *reinterpret_cast<vec *>(s + j) *= inverse;
 }
 
-// out rows (stride C) = p . values over positions 0..L for the first `rows` of the kRows rows of
+// out[r][0..d) = p_r . values over positions 0..L for the first `rows` of the kRows rows of
 // probabilities (rows Sp floats long)
-inline void weigh_values(const Scratch &w, const float *probs, float *out, int rows, int64_t L, int64_t Sp,
-                         int64_t d, int64_t C) {
+inline void weigh_values(const Scratch &w, const float *probs, float *const *out, int rows, int64_t L,
+                         int64_t Sp, int64_t d) {
   const int64_t dp = round_up(d, kPad);
   for (int64_t c0 = 0; c0 < dp; c0 += kPad) {
     vec acc[kRows][kBlock] = {};
@@ -162,7 +162,7 @@ inline void weigh_values(const Scratch &w, const float *probs, float *out, int r
     for (int r = 0; r < rows; ++r)
       for (int b = 0; b < kBlock; ++b) {
         const int64_t c = c0 + b * kLanes;
-        if (c < d) std::memcpy(out + r * C + c, &acc[r][b], sizeof(float) * std::min<int64_t>(kLanes, d - c));
+        if (c < d) std::memcpy(out[r] + c, &acc[r][b], sizeof(float) * std::min<int64_t>(kLanes, d - c));
       }
   }
 }

@@ -11,8 +11,9 @@
 // Why: the portable path (cogvlm2_layers.attention) materialises the grouped bias and the scores
 // (Hq, L, S), then runs two BatchMatMuls, an add and a softmax: 16 ms per layer of the bench model's
 // 413-token prefill, all of them over the masked half of a causal prompt too. Here each (sequence,
-// query head) is one task on the core of attention_core.h (the vision kernel's), and a block of query
-// rows stops at its last visible key.
+// kv head) is a task on the core of attention_core.h (the vision kernel's): its keys and values are
+// packed once for the query heads that share them, a block of 4 query rows is those heads at one
+// position (as the portable path's grouped layout), and it stops at its last visible key.
 //
 // Masked keys: a bias at or below kMasked marks a key a row must not see. The portable path gives such
 // a key exactly zero weight (exp(s - 1e9 - max) is 0 in float32 for any score below 1e7 in size), so
@@ -40,25 +41,36 @@ int64_t visible_end(const float *bias, int64_t S) {
   return S;
 }
 
-// One (sequence, query head): q (L, d) of the head, k, v (S, d) of its kv head, bias (L, S) of the
-// sequence, out (L, C) of the sequence (C = Hq * d), the head's columns from `out`.
-void sequence_head(const float *q, const float *k, const float *v, const float *bias, float *out, int64_t L,
-                   int64_t S, int64_t d, int64_t C, float scale, Scratch &w) {
-  const int64_t Sp = round_up(S, cogvlm2::kLanes);
+// One (sequence, kv head)'s share of rows: its g query heads' rows taken position by position, row
+// r = i * g + j being query head kv * g + j at position i, so the 4 rows of a block share keys and
+// mostly a position (a decode token's block is its g heads). Blocks part, part + parts, ... of them.
+// q (Hq, L, d), bias (L, S) and out (L, C) of the sequence (C = Hq * d), k and v (S, d) of the kv head.
+void kv_head_rows(const float *q, const float *k, const float *v, const float *bias, float *out, int64_t kv,
+                  int64_t group, int64_t part, int64_t parts, int64_t L, int64_t S, int64_t d, int64_t C, float scale,
+                  Scratch &w) {
+  const int64_t Sp = round_up(S, cogvlm2::kLanes), total = group * L;
   w.pack(k, v, d, S, d);
-  for (int64_t i0 = 0; i0 < L; i0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
+  for (int64_t r0 = part * kRows; r0 < total; r0 += parts * kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, total - r0));
+    const float *queries[kRows], *biases[kRows];
+    float *outputs[kRows];
     int64_t end = 0;                                        // keys 0..end: what any of the rows sees
-    for (int r = 0; r < rows; ++r) end = std::max(end, visible_end(bias + (i0 + r) * S, S));
-    w.load_queries(q + i0 * d, d, rows, d, scale);
-    score_rows(w, w.scores.data(), d, Sp, round_up(end, cogvlm2::kLanes));
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = (r0 + r) / group, head = kv * group + (r0 + r) % group;
+      queries[r] = q + (head * L + i) * d;
+      biases[r] = bias + i * S;
+      outputs[r] = out + i * C + head * d;
+      end = std::max(end, visible_end(biases[r], S));
+    }
+    const int64_t end_padded = round_up(end, cogvlm2::kLanes);
+    w.load_queries(queries, rows, d, scale);
+    score_rows(w, w.scores.data(), d, Sp, end_padded);
     for (int r = 0; r < rows; ++r) {
       float *s = &w.scores[r * Sp];
-      const float *b = bias + (i0 + r) * S;
-      for (int64_t j = 0; j < end; ++j) s[j] += b[j];
-      softmax_row(s, end, round_up(end, cogvlm2::kLanes));
+      for (int64_t j = 0; j < end; ++j) s[j] += biases[r][j];
+      softmax_row(s, end, end_padded);
     }
-    weigh_values(w, w.scores.data(), out + i0 * C, rows, end, Sp, d, C);
+    weigh_values(w, w.scores.data(), outputs, rows, end, Sp, d);
   }
 }
 
@@ -86,13 +98,18 @@ extern "C" int PrefillAttention(int nparam, void **params, int *ndims, int64_t *
   const float *bias = static_cast<const float *>(params[3]);
   float *out = static_cast<float *>(params[4]);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  const int64_t group = Hq / Hkv, C = Hq * d, tasks = B * Hq;
+  const int64_t group = Hq / Hkv, C = Hq * d, blocks = (group * L + kRows - 1) / kRows;
+  // (sequence, kv head) tasks, each split into interleaved parts when there are fewer than 2 per thread
+  static const int threads = cogvlm2::cpu_count();
+  const int64_t parts = std::min(blocks, std::max<int64_t>(1, (2 * threads + B * Hkv - 1) / (B * Hkv)));
+  const int64_t tasks = B * Hkv * parts;
   cogvlm2::parallel(tasks, [&](int t, int n) {
     thread_local Scratch scratch;
     for (int64_t i = t; i < tasks; i += n) {
-      const int64_t b = i / Hq, h = i % Hq, kv = (b * Hkv + h / group) * S * d;
-      sequence_head(q + (b * Hq + h) * L * d, k + kv, v + kv, bias + b * L * S, out + b * L * C + h * d, L, S, d,
-                    C, scale, scratch);
+      const int64_t b = i / (Hkv * parts), kv = i / parts % Hkv, part = i % parts;
+      const int64_t head = (b * Hkv + kv) * S * d;
+      kv_head_rows(q + b * Hq * L * d, k + head, v + head, bias + b * L * S, out + b * L * C, kv, group, part, parts,
+                   L, S, d, C, scale, scratch);
     }
   });
   return 0;

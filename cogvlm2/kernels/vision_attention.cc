@@ -28,10 +28,16 @@ void frame_head(const float *qkv, float *out, int64_t L, int64_t C, int64_t d, i
   w.pack(qkv + C + h * d, qkv + 2 * C + h * d, width, L, d);
   for (int64_t i0 = 0; i0 < L; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
-    w.load_queries(qkv + i0 * width + h * d, width, rows, d, scale);
+    const float *queries[kRows];
+    float *outputs[kRows];
+    for (int r = 0; r < rows; ++r) {
+      queries[r] = qkv + (i0 + r) * width + h * d;
+      outputs[r] = out + (i0 + r) * C + h * d;
+    }
+    w.load_queries(queries, rows, d, scale);
     score_rows(w, w.scores.data(), d, Lp, Lp);
     for (int r = 0; r < rows; ++r) softmax_row(&w.scores[r * Lp], L, Lp);
-    weigh_values(w, w.scores.data(), out + i0 * C + h * d, rows, L, Lp, d, C);
+    weigh_values(w, w.scores.data(), outputs, rows, L, Lp, d);
   }
 }
 
