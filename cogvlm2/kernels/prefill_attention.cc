@@ -54,13 +54,14 @@ void kv_head_rows(const float *q, const float *k, const float *v, const float *b
     const int rows = static_cast<int>(std::min<int64_t>(kRows, total - r0));
     const float *queries[kRows], *biases[kRows];
     float *outputs[kRows];
-    int64_t end = 0;                                        // keys 0..end: what any of the rows sees
+    int64_t end = 0, last = -1;                             // keys 0..end: what any of the rows sees
     for (int r = 0; r < rows; ++r) {
       const int64_t i = (r0 + r) / group, head = kv * group + (r0 + r) % group;
       queries[r] = q + (head * L + i) * d;
       biases[r] = bias + i * S;
       outputs[r] = out + i * C + head * d;
-      end = std::max(end, visible_end(biases[r], S));
+      if (i != last) end = std::max(end, visible_end(biases[r], S));   // once per position
+      last = i;
     }
     const int64_t end_padded = round_up(end, cogvlm2::kLanes);
     w.load_queries(queries, rows, d, scale);
