@@ -156,10 +156,11 @@ class CogVLM2Config(PretrainedConfig):
         # 2-15 rows (a batch-8 step cost 2-3.4x a batch-1 step); "onednn" = ops.MatMul; "auto" = rows
         # on CPU if it builds (g++), onednn elsewhere (Ascend). Prefill uses ``gemm``.
         self.decode_matmul = decode_matmul
-        # the engine's KV cache: "slots" = a slot per running sequence, written in place by the decode
-        # attention kernel (cogvlm2_kv_cache, float32 CPU); "concat" = the functional cache the step
-        # graph extends by concat (every backend; each step copies every row's cache); "auto" = slots
-        # on CPU if it builds, concat elsewhere. Prefill and cogvlm2.generate use the functional cache.
+        # the decode KV cache of the engine and of cogvlm2.generate: "slots" = a slot per running
+        # sequence, written in place by the decode attention kernel (cogvlm2_kv_cache, float32 CPU);
+        # "concat" = the functional cache the step graph extends by concat (every backend; each step
+        # copies every row's cache); "auto" = slots on CPU if it builds, concat elsewhere. Prefill always
+        # runs the step graph on the functional cache.
         self.kv_cache = kv_cache
         # the vision tower's and adapter's GELU and LayerNorm: "fused" = one-pass CPU kernels
         # (cogvlm2_cpu_kernels, float32 CPU; MindSpore 2.7.2 runs exact GELU as four kernels with a scalar
