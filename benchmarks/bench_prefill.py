@@ -5,10 +5,10 @@ prints figures, not a test).
 
 The bench model's step on the golden video's prompt (vision embeddings computed once, given to every
 model), in models with the same N(0, 0.02) weights:
-- ``onednn``: ``gemm: onednn, prefill_attention: ops``, MindSpore's MatMul and attention ops;
-- ``amx``: ``gemm: amx, prefill_attention: ops``, the AMX product (left out where the CPU has no AMX-BF16);
-- ``amx+attention`` (``onednn+attention`` without AMX): and the prefill attention kernel, what ``auto``
-  runs on this CPU.
+- ``onednn``: ``gemm: onednn, decoder_kernels: ops``, MindSpore's ops alone;
+- ``amx``: ``gemm: amx, decoder_kernels: ops``, the AMX product (left out where the CPU has no AMX-BF16);
+- ``amx+decoder`` (``onednn+decoder`` without AMX): and the decoder's kernels (RMSNorm, SiLU * up,
+  prefill attention), what ``auto`` runs on this CPU.
 Each round calls every model once, in rotating order, so load from other jobs hits them alike; it prints
 the medians, the ratios to ``onednn`` and each model's largest last-position logit difference from it.
 """
@@ -35,10 +35,10 @@ def parse_args():
 
 def variants(amx: bool) -> dict:
     gemm = "amx" if amx else "onednn"
-    chosen = {"onednn": {"gemm": "onednn", "prefill_attention": "ops"}}
+    chosen = {"onednn": {"gemm": "onednn", "decoder_kernels": "ops"}}
     if amx:
-        chosen["amx"] = {"gemm": "amx", "prefill_attention": "ops"}
-    chosen[f"{gemm}+attention"] = {"gemm": gemm, "prefill_attention": "fused"}
+        chosen["amx"] = {"gemm": "amx", "decoder_kernels": "ops"}
+    chosen[f"{gemm}+decoder"] = {"gemm": gemm, "decoder_kernels": "fused"}
     return chosen
 
 

@@ -9,8 +9,8 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
   prefill (empty cache) and every decode step; with ``gemm`` amx (auto on a CPU with AMX-BF16) its
   Linears, like the vision tower's, use the AMX product, which hands products of fewer than 16 rows
-  to the rows kernel; with ``prefill_attention`` fused (auto on CPU) its attention is the prefill
-  attention kernel;
+  to the rows kernel; with ``decoder_kernels`` fused (auto on CPU) its attention is the prefill
+  attention kernel, and every decoder graph's RMSNorm and SwiGLU are CPU kernels;
 - with ``decode_matmul`` rows (auto on CPU): the same step with the rows kernel in every decoder
   Linear and the lm_head (``decode_step``), which ``run_step`` uses for decode calls of 2-16
   sequences (one token each): oneDNN re-reads each weight for 2-15 rows, the kernel once;
@@ -36,11 +36,12 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
-from cogvlm2.cogvlm2_llm import CogVLM2Model
+from cogvlm2.cogvlm2_llm import CogVLM2Model, DecoderKernels
 from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_matmul_op, decode_attention_op, gelu_op,
-                                         layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
-                                         resolve_kv_cache, resolve_prefill_attention, resolve_vision_kernels,
-                                         rows_matmul_op, vision_attention_op)
+                                         layer_norm_op, prefill_attention_op, resolve_decode_matmul,
+                                         resolve_decoder_kernels, resolve_gemm, resolve_kv_cache,
+                                         resolve_vision_kernels, rms_norm_op, rows_matmul_op, silu_mul_op,
+                                         vision_attention_op)
 from cogvlm2.cogvlm2_vision import VisionKernels
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
@@ -121,10 +122,12 @@ class CogVLM2ForVideo(PreTrainedModel):
             _check_device_dtype(config)
         # the product of the vision tower, the adapter and the step graph (prefill) as gemm resolves
         gemm = _gemm(config) if compile_graphs else None
-        self.model = CogVLM2Model(config, _vision_kernels(config, gemm) if compile_graphs else VisionKernels())
+        decoder = compile_graphs and _decoder_kernels_fused(config)
+        self.model = CogVLM2Model(config, _vision_kernels(config, gemm) if compile_graphs else VisionKernels(),
+                                  DecoderKernels(rms_norm_op(), silu_mul_op()) if decoder else DecoderKernels())
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
         # Not registered as child cells: they share model/lm_head, whose names stay model.* / lm_head.*
-        attend = _prefill_attention(config) if compile_graphs else None
+        attend = prefill_attention_op() if decoder else None
         object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head, gemm, attend))
         # decode calls (one token per row, 2..ROWS_PER_PASS rows) get their own graph when
         # decode_matmul resolves to the rows kernel; None: the one step graph serves every call
@@ -348,13 +351,10 @@ def _gemm(config):
     return None
 
 
-def _prefill_attention(config):
-    """The prefill attention kernel if ``prefill_attention`` resolves to fused, else None (the portable
-    attention)."""
-    if resolve_prefill_attention(config.prefill_attention, ms.get_context("device_target"),
-                                 config.compute_dtype) == "fused":
-        return prefill_attention_op()
-    return None
+def _decoder_kernels_fused(config) -> bool:
+    """Whether ``decoder_kernels`` resolves to the CPU kernels (RMSNorm, SiLU * up, prefill attention)."""
+    return resolve_decoder_kernels(config.decoder_kernels, ms.get_context("device_target"),
+                                   config.compute_dtype) == "fused"
 
 
 def _vision_kernels(config, matmul) -> VisionKernels:
@@ -362,7 +362,8 @@ def _vision_kernels(config, matmul) -> VisionKernels:
     and ``matmul`` (``_gemm``) as their product."""
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
         return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
-                             attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul)
+                             attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul,
+                             silu_mul=silu_mul_op())
     return VisionKernels(matmul=matmul)
 
 

@@ -12,7 +12,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 from cogvlm2.cogvlm2_cpu_kernels import (DECODE_MATMUL_CHOICES, GEMM_CHOICES, KV_CACHE_CHOICES,
-                                         PREFILL_ATTENTION_CHOICES, VISION_KERNELS_CHOICES)
+                                         DECODER_KERNELS_CHOICES, VISION_KERNELS_CHOICES)
 
 __all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]  # the error: re-exported
 
@@ -106,7 +106,7 @@ class CogVLM2Config(PretrainedConfig):
                  decode_matmul: str = "auto",
                  kv_cache: str = "auto",
                  vision_kernels: str = "auto",
-                 prefill_attention: str = "auto",
+                 decoder_kernels: str = "auto",
                  gemm: str = "auto",
                  **kwargs):
         # mindformers YAML spellings of the same values
@@ -167,11 +167,11 @@ class CogVLM2Config(PretrainedConfig):
         # erf, and its CPU LayerNorm slowly: 26% of the bench tower); "ops" = ops.gelu / ops.LayerNorm
         # (every backend); "auto" = fused on CPU if it builds, ops elsewhere.
         self.vision_kernels = vision_kernels
-        # the decoder's attention in the causal-LM step graphs (prefill, functional-cache decode): "fused"
-        # = a CPU kernel (cogvlm2_cpu_kernels; float32 CPU) that skips the keys a causal mask hides;
-        # "ops" = cogvlm2_layers.attention (every backend; training always); "auto" = fused on CPU if it
-        # builds, ops elsewhere.
-        self.prefill_attention = prefill_attention
+        # the decoder's RMSNorm and silu(gate) * up, and its attention in the causal-LM step graphs
+        # (prefill, functional-cache decode): "fused" = one-pass CPU kernels (cogvlm2_cpu_kernels; float32
+        # CPU; the attention skips the keys a causal mask hides, and training keeps the portable one);
+        # "ops" = MindSpore's ops (every backend); "auto" = fused on CPU if it builds, ops elsewhere.
+        self.decoder_kernels = decoder_kernels
         # the products of many rows (the vision tower, the adapter, prefill): "amx" = the AMX bf16 tile
         # kernel at float32 accuracy (three bf16 parts per value, cogvlm2_cpu_kernels; float32 CPU with
         # AMX-BF16, e.g. Xeon Sapphire Rapids); "onednn" = ops.MatMul (every backend); "auto" = amx where
@@ -235,8 +235,8 @@ class CogVLM2Config(PretrainedConfig):
              f"kv_cache {self.kv_cache!r} must be one of {list(KV_CACHE_CHOICES)}"),
             (self.vision_kernels in VISION_KERNELS_CHOICES,
              f"vision_kernels {self.vision_kernels!r} must be one of {list(VISION_KERNELS_CHOICES)}"),
-            (self.prefill_attention in PREFILL_ATTENTION_CHOICES,
-             f"prefill_attention {self.prefill_attention!r} must be one of {list(PREFILL_ATTENTION_CHOICES)}"),
+            (self.decoder_kernels in DECODER_KERNELS_CHOICES,
+             f"decoder_kernels {self.decoder_kernels!r} must be one of {list(DECODER_KERNELS_CHOICES)}"),
             (self.gemm in GEMM_CHOICES, f"gemm {self.gemm!r} must be one of {list(GEMM_CHOICES)}"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),

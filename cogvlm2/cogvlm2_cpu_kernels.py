@@ -18,16 +18,19 @@
   These three kernels' gradients (``bprop``) are MindSpore ops, so a training graph with the tower in
   it differentiates through them.
 - ``prefill_attention_op()``: the decoder's attention on the functional cache for any number of new
-  tokens (``kernels/prefill_attention.cc``): one task per sequence and query head on the vision kernel's
+  tokens (``kernels/prefill_attention.cc``): one task per sequence and kv head on the vision kernel's
   core (``kernels/attention_core.h``), each block of query rows stopping at its last visible key, instead
   of the grouped bias, two BatchMatMuls, an add and a softmax over every key. Only the inference step
   graphs use it (no gradient).
+- ``rms_norm_op()`` / ``silu_mul_op()``: the decoder's RMSNorm and SwiGLU's silu(gate) * up (also the
+  adapter's) in one pass each (``kernels/rms_norm.cc``, ``kernels/silu_mul.cc``) instead of eight and two
+  MindSpore kernels; differentiable.
 - ``amx_matmul_op()``: ``x (M, K) @ w (K, N)`` of many rows (the vision tower, the adapter, prefill) on
   the AMX bf16 tile unit at float32 accuracy: each float32 is split into three bfloat16 parts and the
   six significant part products are summed in float32 (``kernels/amx_matmul.cc``); fewer than 16 rows
   go to the rows kernel. Differentiable (its gradient is two MindSpore MatMuls).
 - ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` /
-  ``resolve_prefill_attention`` / ``resolve_gemm``: a config value -> what runs ("auto": the kernels on a
+  ``resolve_decoder_kernels`` / ``resolve_gemm``: a config value -> what runs ("auto": the kernels on a
   float32 CPU model when they build, the portable ops elsewhere; for ``gemm`` also only on a CPU with
   AMX-BF16 that Linux lets the process use).
 
@@ -52,28 +55,29 @@ from mindspore.ops import CustomRegOp, DataType
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
 __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES", "ROWS_PER_PASS",
-           "GEMM_CHOICES", "PREFILL_ATTENTION_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
-           "resolve_vision_kernels", "resolve_prefill_attention", "resolve_gemm", "rows_matmul_op",
+           "GEMM_CHOICES", "DECODER_KERNELS_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
+           "resolve_vision_kernels", "resolve_decoder_kernels", "resolve_gemm", "rows_matmul_op",
            "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
-           "amx_matmul_op", "amx_available", "build_library"]
+           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_available", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
 VISION_KERNELS_CHOICES = ("auto", "ops", "fused")
 GEMM_CHOICES = ("auto", "onednn", "amx")
-PREFILL_ATTENTION_CHOICES = ("auto", "ops", "fused")
+DECODER_KERNELS_CHOICES = ("auto", "ops", "fused")
 ROWS_PER_PASS = 16          # rows the kernel keeps in registers per pass over the weight (kMaxRows)
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCES = tuple(os.path.join(KERNELS, name)
                 for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
-                             "vision_attention.cc", "prefill_attention.cc", "amx_matmul.cc"))
+                             "vision_attention.cc", "prefill_attention.cc", "rms_norm.cc", "silu_mul.cc",
+                             "amx_matmul.cc"))
 HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h"))
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
 # No OpenMP: the kernels run on MindSpore's own kernel threads (cpu_common.h), else on a few worker
 # threads that sleep on a condition variable between calls, so nothing spins beside MindSpore's pool.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 LIBS = ("-ldl",)      # dlopen/dlsym: the kernels find MindSpore's thread pool at run time (cpu_common.h)
-FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, prefill_attention: ops "
+FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops "
        "and gemm: onednn to run without it")
 
 _logger = logging.getLogger(__name__)
@@ -203,6 +207,20 @@ def prefill_attention_op():
     return _custom("PrefillAttention", [("q", f32), ("k", f32), ("v", f32), ("bias", f32)])
 
 
+def rms_norm_op():
+    """``(x (..., H), weight (H,), eps (1,)) -> (..., H)`` float32: x * rsqrt(mean(x^2) + eps) * weight over
+    the last axis (``kernels/rms_norm.cc``); differentiable in x and weight."""
+    f32 = DataType.F32_Default
+    return _custom("FusedRMSNorm", [("x", f32), ("weight", f32), ("eps", f32)], _rms_norm_bprop)
+
+
+def silu_mul_op():
+    """``(gate, up) -> silu(gate) * up`` float32, element-wise, any shape (``kernels/silu_mul.cc``);
+    differentiable."""
+    f32 = DataType.F32_Default
+    return _custom("SiluMul", [("gate", f32), ("up", f32)], _silu_mul_bprop)
+
+
 def amx_matmul_op():
     """``(x (M, K), w (K, N)) -> (M, N)`` float32 on the AMX tile unit, float32 accuracy, dynamic shapes
     (``kernels/amx_matmul.cc``); differentiable in x and w. Only where ``amx_available()``."""
@@ -248,6 +266,23 @@ def _layer_norm_bprop(x, weight, bias, eps, out, dout):
     dweight = (dout * normed).reshape(-1, size).sum(0)                          # (C,)
     dbias = dout.reshape(-1, size).sum(0)
     return dx, dweight, dbias, ops.zeros_like(eps)
+
+
+def _rms_norm_bprop(x, weight, eps, out, dout):
+    """y = x r w with r = (mean(x^2) + eps)^-1/2: dx = r g - r^3 x mean(g x) with g = dout w; dweight is
+    dout x r summed over rows."""
+    rstd = ops.rsqrt((x * x).mean(-1, keep_dims=True) + eps)
+    g = dout * weight
+    dx = rstd * g - rstd * rstd * rstd * x * (g * x).mean(-1, keep_dims=True)
+    size = x.shape[-1]
+    dweight = (dout * x * rstd).reshape(-1, size).sum(0)
+    return dx, dweight, ops.zeros_like(eps)
+
+
+def _silu_mul_bprop(gate, up, out, dout):
+    """y = g s(g) u: dgate = dout u s (1 + g (1 - s)), dup = dout g s, s the sigmoid."""
+    sigmoid = ops.sigmoid(gate)
+    return dout * up * sigmoid * (1 + gate * (1 - sigmoid)), dout * gate * sigmoid
 
 
 _batch_matmul = ops.BatchMatMul()
@@ -296,10 +331,10 @@ def resolve_vision_kernels(choice: str, device_target: str, compute_dtype: str =
                     device_target, compute_dtype)
 
 
-def resolve_prefill_attention(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
-    """The config value -> "fused" (``prefill_attention_op`` in the causal-LM step graphs) or "ops"
-    (``cogvlm2_layers.attention``, every backend)."""
-    return _resolve("prefill_attention", choice, PREFILL_ATTENTION_CHOICES, "fused", "ops", build_library,
+def resolve_decoder_kernels(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
+    """The config value -> "fused" (``rms_norm_op`` and ``silu_mul_op`` in the decoder, and
+    ``prefill_attention_op`` in the causal-LM step graphs) or "ops" (MindSpore's ops, every backend)."""
+    return _resolve("decoder_kernels", choice, DECODER_KERNELS_CHOICES, "fused", "ops", build_library,
                     device_target, compute_dtype)
 
 

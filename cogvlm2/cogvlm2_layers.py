@@ -2,7 +2,8 @@
 
 Plain MindSpore Cells whose parameter names are the checkpoint's (``weight``, ``bias``), built from
 kernels that exist on CPU and Ascend (``ops.MatMul``, ``ops.LayerNorm``, ``ops.softmax``); a caller may
-hand ``Linear``, ``LayerNorm`` and ``gelu`` a CPU kernel instead (``cogvlm2_cpu_kernels``). One linear,
+hand ``Linear``, ``LayerNorm``, ``RMSNorm``, ``gelu`` and ``swiglu`` a CPU kernel instead
+(``cogvlm2_cpu_kernels``). One linear,
 one LayerNorm, one RMSNorm, one GELU, one attention core and one SwiGLU are used everywhere.
 
 Two CPU facts shape the code (measured in graphs with dynamic shapes, mindspore 2.7.2):
@@ -97,17 +98,22 @@ class LayerNorm(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    """Llama RMSNorm computed in float32: x * rsqrt(mean(x^2) + eps) * weight."""
+    """Llama RMSNorm computed in float32: x * rsqrt(mean(x^2) + eps) * weight; ``kernel`` ((x, weight,
+    eps (1,)) -> y, ``cogvlm2_cpu_kernels.rms_norm_op``) if given."""
 
-    def __init__(self, size: int, eps: float, dtype=ms.float32):
+    def __init__(self, size: int, eps: float, dtype=ms.float32, kernel=None):
         super().__init__()
         self.weight = Parameter(placeholder((size,), dtype), name="weight")
         self.eps = eps
         self.mean_vector = Tensor(np.full((size, 1), 1.0 / size, np.float32))  # mean = x^2 @ (1/n)
         self.matmul = ops.MatMul()
+        self.kernel = kernel
+        self.epsilon = Tensor(np.array([eps], np.float32))
 
     def construct(self, x):
         """x: (N, H) -> (N, H)."""
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.epsilon)
         dtype = x.dtype
         x = x.astype(ms.float32)
         variance = self.matmul(ops.square(x), self.mean_vector)             # (N, 1)
@@ -164,6 +170,8 @@ def gelu(x, kernel=None):
     return kernel(x)
 
 
-def swiglu(x, gate_proj, up_proj, down_proj, matmul=None):
-    """down(silu(gate(x)) * up(x)): the Llama MLP and the adapter GLU share this (``matmul``: see Linear)."""
-    return down_proj(ops.silu(gate_proj(x, matmul)) * up_proj(x, matmul), matmul)
+def swiglu(x, gate_proj, up_proj, down_proj, matmul=None, silu_mul=None):
+    """down(silu(gate(x)) * up(x)): the Llama MLP and the adapter GLU share this (``matmul``: see Linear;
+    ``silu_mul``: (gate, up) -> silu(gate) * up in one kernel, ``cogvlm2_cpu_kernels.silu_mul_op``)."""
+    gate, up = gate_proj(x, matmul), up_proj(x, matmul)
+    return down_proj(ops.silu(gate) * up if silu_mul is None else silu_mul(gate, up), matmul)

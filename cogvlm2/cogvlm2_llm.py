@@ -14,6 +14,8 @@ Two ways to run it:
   which the ``attend`` kernel writes this token into in place before attending (``cogvlm2_kv_cache``,
   ``cogvlm2_cpu_kernels.decode_attention_op``): no per-step copy of the cache.
 """
+from typing import NamedTuple
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -21,7 +23,16 @@ from mindspore import Tensor, nn, ops
 from cogvlm2.cogvlm2_layers import Embedding, Linear, RMSNorm, attention, grouped_bias, swiglu, to_ms_dtype
 from cogvlm2.cogvlm2_vision import EVA2CLIPModel, VisionKernels
 
-__all__ = ["CogVLM2Model"]
+__all__ = ["CogVLM2Model", "DecoderKernels"]
+
+
+class DecoderKernels(NamedTuple):
+    """The RMSNorm and SwiGLU every decoder layer uses (None: MindSpore's ops; on CPU
+    ``cogvlm2_cpu_kernels.rms_norm_op`` / ``silu_mul_op``, chosen by ``decoder_kernels``). The attention
+    kernel is not here: only the inference step graphs pass it (``CausalLMStep``)."""
+    rms_norm: object = None      # (x (N, H), weight (H,), eps (1,)) -> (N, H)
+    silu_mul: object = None      # (gate, up) -> silu(gate) * up
+
 
 class RotaryEmbedding(nn.Cell):
     """Rotate-half (GPT-NeoX) rotary embedding over the full head_dim at explicit positions."""
@@ -126,23 +137,24 @@ class VisionExpertAttention(nn.Cell):
 class LlamaMLP(nn.Cell):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
 
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, silu_mul=None):
         super().__init__()
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, False, dtype)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, False, dtype)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, False, dtype)
+        self.silu_mul = silu_mul
 
     def construct(self, x, matmul=None):
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, matmul)
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, matmul, self.silu_mul)
 
 
 class VisionExpertMLP(nn.Cell):
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, silu_mul=None):
         super().__init__()
-        self.language_mlp = LlamaMLP(config, dtype)
+        self.language_mlp = LlamaMLP(config, dtype, silu_mul)
         self.has_vision_expert = config.expert_set == "vision_language"
         if self.has_vision_expert:
-            self.vision_mlp = LlamaMLP(config, dtype)
+            self.vision_mlp = LlamaMLP(config, dtype, silu_mul)
 
     def construct(self, x, expert_mask, matmul=None):
         out = self.language_mlp(x, matmul)
@@ -154,12 +166,12 @@ class VisionExpertMLP(nn.Cell):
 class CogVLMDecoderLayer(nn.Cell):
     """Pre-norm Llama block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
 
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, kernels: DecoderKernels):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.rms_norm)
         self.self_attn = VisionExpertAttention(config, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = VisionExpertMLP(config, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels.rms_norm)
+        self.mlp = VisionExpertMLP(config, dtype, kernels.silu_mul)
 
     def construct(self, x, expert_mask, rope_q, rope_k, bias, past_key, past_value, matmul=None, attend=None):
         """x: (B*L, H) -> (B*L, H) and this layer's extended cache."""
@@ -182,14 +194,16 @@ class CogVLM2Model(nn.Cell):
     vision embeddings; it is compiled once with dynamic batch, length and cache length.
     """
 
-    def __init__(self, config, vision_kernels: VisionKernels = VisionKernels()):
+    def __init__(self, config, vision_kernels: VisionKernels = VisionKernels(),
+                 decoder_kernels: DecoderKernels = DecoderKernels()):
         super().__init__()
         dtype = to_ms_dtype(config.param_init_type)
         self.compute_dtype = to_ms_dtype(config.compute_dtype)
         self.hidden_size = config.hidden_size
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.CellList([CogVLMDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.layers = nn.CellList([CogVLMDecoderLayer(config, dtype, decoder_kernels)
+                                   for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, decoder_kernels.rms_norm)
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_multi_query_heads

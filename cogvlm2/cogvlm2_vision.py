@@ -4,9 +4,10 @@ Parameter names follow the HF checkpoint under ``model.vision.*``:
 ``patch_embedding.{proj, cls_embedding, position_embedding}``, ``transformer.layers.N.*``,
 ``conv``, ``linear_proj.*``, ``boi``, ``eoi``.
 
-``VisionKernels``: the GELU, LayerNorm, attention and product every cell of the tower and the adapter
-uses (None: MindSpore's ops; on CPU ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` /
-``vision_attention_op``, chosen by ``vision_kernels``, and ``amx_matmul_op``, chosen by ``gemm``).
+``VisionKernels``: the GELU, LayerNorm, attention, SiLU * up and product every cell of the tower and the
+adapter uses (None: MindSpore's ops; on CPU ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` /
+``vision_attention_op`` / ``silu_mul_op``, chosen by ``vision_kernels``, and ``amx_matmul_op``, chosen by
+``gemm``).
 """
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ class VisionKernels(NamedTuple):
     layer_norm: object = None    # (x, weight, bias, eps (1,)) -> LayerNorm(x)
     attention: object = None     # (qkv (T, L, 3C), heads (1,) int32) -> (T, L, C)
     matmul: object = None        # (x (N, in), W (in, out)) -> (N, out), every Linear's product
+    silu_mul: object = None      # (gate, up) -> silu(gate) * up, the adapter's SwiGLU
 
 
 class Conv2d(nn.Cell):
@@ -142,10 +144,11 @@ class GLU(nn.Cell):
         self.dense_h_to_4h = Linear(hidden, inner, False, dtype, kernels.matmul)
         self.dense_4h_to_h = Linear(inner, hidden, False, dtype, kernels.matmul)
         self.gelu_kernel = kernels.gelu
+        self.silu_mul = kernels.silu_mul
 
     def construct(self, x):
         x = gelu(self.norm1(self.linear_proj(x)), self.gelu_kernel)
-        return swiglu(x, self.gate_proj, self.dense_h_to_4h, self.dense_4h_to_h)
+        return swiglu(x, self.gate_proj, self.dense_h_to_4h, self.dense_4h_to_h, silu_mul=self.silu_mul)
 
 
 class EVA2CLIPModel(nn.Cell):

@@ -1,7 +1,7 @@
 """The CPU kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode they run
 in: the rows kernel, the AMX product and its gradient, the decode attention on the slot cache (written in
 place, read back by the next step), the vision tower's GELU, LayerNorm and attention and their gradients,
-the decoder's prefill attention; the slot decode step against the functional step; build errors and
+the decoder's prefill attention, RMSNorm and SiLU * up; the slot decode step against the functional step; build errors and
 config choices."""
 import math
 import os
@@ -15,9 +15,9 @@ from scipy.special import erf
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
 from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_matmul_op, decode_attention_op, gelu_op,
                                          layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
-                                         resolve_kv_cache, resolve_prefill_attention, resolve_vision_kernels,
-                                         rows_matmul_op, vision_attention_op)
-from cogvlm2.cogvlm2_layers import attention, grouped_bias
+                                         resolve_kv_cache, resolve_decoder_kernels, resolve_vision_kernels,
+                                         rms_norm_op, rows_matmul_op, silu_mul_op, vision_attention_op)
+from cogvlm2.cogvlm2_layers import RMSNorm, attention, grouped_bias
 from cogvlm2.cogvlm2_token_types import causal_bias
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, ContextLengthError
 from cogvlm2.cogvlm2_kv_cache import SlotKVCache
@@ -158,7 +158,7 @@ def test_gemm_choice_is_checked_and_follows_the_cpu(monkeypatch):
 @pytest.mark.parametrize("resolve, key, kernel, portable", [(resolve_decode_matmul, "decode_matmul", "rows", "onednn"),
                                                            (resolve_kv_cache, "kv_cache", "slots", "concat"),
                                                            (resolve_vision_kernels, "vision_kernels", "fused", "ops"),
-                                                           (resolve_prefill_attention, "prefill_attention", "fused",
+                                                           (resolve_decoder_kernels, "decoder_kernels", "fused",
                                                             "ops")])
 def test_unknown_choice_and_device_are_one_clear_error(resolve, key, kernel, portable):
     with pytest.raises(CogVLM2ConfigError, match=f"{key} 'fast' must be one of"):
@@ -179,7 +179,7 @@ def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
         kernels_module.build_library()
     message = str(info.value)
     assert "\n" not in message and "rows_matmul.cc" in message
-    assert "decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, prefill_attention: ops and gemm: onednn" in message
+    assert "decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops and gemm: onednn" in message
     assert not any(name.endswith(".so") or ".tmp" in name for name in os.listdir(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(CogVLM2ConfigError, match="'no-such-compiler-xyz' is not on PATH"):
@@ -307,6 +307,85 @@ def test_gelu_and_layer_norm_gradients_match_mindspore_ops():
     ours = ms.grad(GeluLoss(gelu_op()))(x, r).asnumpy()
     theirs = ms.grad(GeluLoss(None))(x, r).asnumpy()
     assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 33, 1024])
+def test_rms_norm_kernel_matches_float64(size):
+    """Squares summed and the row scaled in double, rounded once: within one float32 ulp of the float64
+    RMSNorm, for rows of any length (8-wide vectors and their tail), a row of zeros (eps alone)."""
+    cell = Apply(rms_norm_op())
+    cell.set_inputs(Tensor(shape=[None, None], dtype=ms.float32), Tensor(shape=[None], dtype=ms.float32),
+                    Tensor(shape=[1], dtype=ms.float32))
+    rng = np.random.default_rng(size)
+    weight = rng.standard_normal(size).astype(np.float32)
+    for rows, eps in ((1, 1e-5), (6, 1e-6), (413, 1e-5)):
+        x = (rng.standard_normal((rows, size)) * 3).astype(np.float32)
+        x[0] = 0.0
+        eps32 = np.float32(eps)
+        got = cell(Tensor(x), Tensor(weight), Tensor(np.array([eps32]))).asnumpy()
+        x64 = x.astype(np.float64)
+        exact = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + np.float64(eps32)) * weight
+        assert np.all(np.abs(got - exact) <= np.spacing(np.abs(exact).astype(np.float32))), (rows, eps)
+
+
+def test_silu_mul_kernel_matches_float64():
+    """silu(g) * u within 4 float32 ulp of the float64 value (the exp's 2 ulp, a division and two
+    products), over g in [-90, 90] and every tail length of the vectors, 1-D and 3-D; near zero within
+    100 x float32's smallest normal (1.2e-36) times (1 + |u|): below g = -87.3 e^-|g| is flushed to the
+    smallest normal, and results below it may be flushed to zero."""
+    cell = Apply(silu_mul_op())
+    cell.set_inputs(Tensor(shape=[None], dtype=ms.float32), Tensor(shape=[None], dtype=ms.float32))
+    rng = np.random.default_rng(3)
+
+    def check(g, u, got):
+        g64, u64 = g.astype(np.float64), u.astype(np.float64)
+        exact = g64 / (1 + np.exp(-g64)) * u64
+        floor = 100 * np.finfo(np.float32).tiny * (1 + np.abs(u64))
+        bad = np.abs(got - exact) > 4 * np.spacing(np.abs(exact).astype(np.float32)) + floor
+        assert not bad.any(), (g[bad][:3], u[bad][:3], got[bad][:3], exact[bad][:3])
+
+    g = np.linspace(-90, 90, 1800001).astype(np.float32)
+    u = rng.standard_normal(g.shape).astype(np.float32)
+    check(g, u, cell(Tensor(g), Tensor(u)).asnumpy())
+    for n in range(1, 34):
+        g, u = (rng.standard_normal((2, n)) * 4).astype(np.float32)
+        check(g, u, cell(Tensor(g), Tensor(u)).asnumpy())
+    cube = Apply(silu_mul_op())
+    cube.set_inputs(Tensor(shape=[None, None, None], dtype=ms.float32), Tensor(shape=[None, None, None], dtype=ms.float32))
+    g, u = (rng.standard_normal((2, 3, 64, 2816)) * 4).astype(np.float32)
+    check(g, u, cube(Tensor(g), Tensor(u)).asnumpy())
+
+
+class DecoderLoss(nn.Cell):
+    """sum(down(RMSNorm(x)) * r) with the SwiGLU between: the kernels' or MindSpore's ops, for gradients."""
+
+    def __init__(self, rms_norm, silu_mul, weight):
+        super().__init__()
+        self.norm = RMSNorm(weight.shape[0], 1e-5, kernel=rms_norm)
+        self.norm.weight.set_data(Tensor(weight))
+        self.silu_mul = silu_mul
+
+    def construct(self, x, gate_w, up_w, r):
+        h = self.norm(x)
+        gate, up = ops.matmul(h, gate_w), ops.matmul(h, up_w)
+        y = ops.silu(gate) * up if self.silu_mul is None else self.silu_mul(gate, up)
+        return (y * r).sum()
+
+
+def test_rms_norm_and_silu_mul_gradients_match_mindspore_ops():
+    rng = np.random.default_rng(4)
+    x, gate_w, up_w, r = (Tensor(a.astype(np.float32)) for a in (
+        rng.standard_normal((9, 48)), rng.standard_normal((48, 80)) * 0.2, rng.standard_normal((48, 80)) * 0.2,
+        rng.standard_normal((9, 80))))
+    weight = (1 + 0.1 * rng.standard_normal(48)).astype(np.float32)
+    grads = {}
+    for name, kernels in (("kernels", (rms_norm_op(), silu_mul_op())), ("ops", (None, None))):
+        loss = DecoderLoss(*kernels, weight)
+        grads[name] = ms.grad(loss, grad_position=(0, 1, 2), weights=loss.trainable_params())(x, gate_w, up_w, r)
+    (ours_inputs, ours_weights), (theirs_inputs, theirs_weights) = grads["kernels"], grads["ops"]
+    for a, b in zip(tuple(ours_inputs) + tuple(ours_weights), tuple(theirs_inputs) + tuple(theirs_weights)):
+        a, b = a.asnumpy(), b.asnumpy()
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), np.abs(a - b).max()
 
 
 def split_heads(qkv, heads):

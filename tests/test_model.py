@@ -89,20 +89,27 @@ def test_vision_embeds(model, golden):
 
 
 def test_mindspore_ops_match_the_reference(model, converted, golden):
-    """``vision_kernels`` auto runs the CPU GELU/LayerNorm/attention kernels here, ``prefill_attention``
-    auto the decoder's attention kernel, and ``gemm`` auto the AMX product where the CPU has it; ``ops``
-    with ``onednn`` (MindSpore's, what Ascend runs) must match the reference as well."""
+    """``vision_kernels`` auto runs the CPU GELU/LayerNorm/attention/SiLU*up kernels here,
+    ``decoder_kernels`` auto the decoder's RMSNorm, SiLU*up and attention kernels, and ``gemm`` auto the
+    AMX product where the CPU has it; ``ops`` with ``onednn`` (MindSpore's, what Ascend runs) must match
+    the reference as well."""
     layer = model.model.vision.transformer.layers[0]
     assert None not in (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel)
     assert (layer.mlp.fc1.kernel is not None) == amx_available()
     assert (model.step.matmul is not None) == amx_available()
-    assert model.step.attend is not None
+    decoder = model.model.layers[0]
+    assert None not in (model.step.attend, decoder.input_layernorm.kernel, decoder.mlp.language_mlp.silu_mul,
+                        model.model.norm.kernel, model.model.vision.linear_proj.silu_mul)
     portable = CogVLM2ForVideo.from_pretrained(converted, vision_kernels="ops", gemm="onednn",
-                                               prefill_attention="ops")
+                                               decoder_kernels="ops")
     layer = portable.model.vision.transformer.layers[0]
     assert (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel) == (None, None, None)
     assert layer.mlp.fc1.kernel is None and layer.attention.query_key_value.kernel is None
     assert portable.step.matmul is None and portable.step.attend is None
+    decoder = portable.model.layers[0]
+    assert (decoder.input_layernorm.kernel, decoder.mlp.language_mlp.silu_mul, portable.model.norm.kernel) == \
+        (None, None, None)
+    assert portable.model.vision.linear_proj.silu_mul is None
     assert portable.model.vision.linear_proj.gelu_kernel is None
     assert portable.model.vision.linear_proj.norm1.kernel is None
     embeds = portable.encode_video(golden["pixel_values"]).asnumpy()

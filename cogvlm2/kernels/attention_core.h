@@ -4,7 +4,7 @@
 // output with the sums in registers. Arithmetic is float32 as in the portable path
 // (cogvlm2_layers.attention): q is multiplied by the scale first, scores are d-term dot products (plus
 // the bias, where the caller has one), softmax is exp(s - max) / sum with a vectorised exp (Cephes'
-// expf polynomial, within 2 ulp), then the S-term sums of p * v.
+// expf polynomial, within 2 ulp: cpu_common.h), then the S-term sums of p * v.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -17,39 +17,11 @@
 namespace cogvlm2 {
 namespace attention {
 
-typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
 constexpr int kRows = 4;         // query rows per block (their sums stay in registers)
 constexpr int kBlock = 4;        // vectors of keys (scores) or of output columns per pass
 constexpr int64_t kPad = kBlock * kLanes;   // head columns are padded to whole passes
 
-inline vec splat(float v) { return vec{} + v; }
-
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
-// e^x for x <= 0 (softmax arguments s - max): Cephes' expf (range reduction by ln 2 in two parts and
-// a degree-6 polynomial), flushing below -87.3 to the smallest normal range.
-inline vec exp_nonpositive(vec x) {
-  x = x < splat(-87.33654f) ? splat(-87.33654f) : x;
-  vec fx = x * 1.44269504088896341f + 0.5f;
-  ivec n = __builtin_convertvector(fx, ivec);                  // truncates toward zero
-  const vec truncated = __builtin_convertvector(n, vec);
-  n -= (truncated > fx) ? ivec{} + 1 : ivec{};                  // floor
-  const vec nf = __builtin_convertvector(n, vec);
-  x -= nf * 0.693359375f;
-  x -= nf * -2.12194440e-4f;
-  vec y = splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * x * x + x + 1.0f;
-  const ivec bits = (n + 127) << 23;
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
 
 // One (sequence, head)'s operands, reused across calls by each thread.
 struct Scratch {

@@ -1,6 +1,5 @@
-// What the CPU kernels (rows_matmul.cc, amx_matmul.cc, decode_attention.cc, gelu.cc, layer_norm.cc,
-// vision_attention.cc; built into one library by cogvlm2/cogvlm2_cpu_kernels.py) share: the SIMD vector
-// types and the threads they run on.
+// What the CPU kernels (kernels/*.cc, built into one library by cogvlm2/cogvlm2_cpu_kernels.py) share:
+// the SIMD vector types, the vectorised exp, and the threads they run on.
 #pragma once
 #include <algorithm>
 #include <condition_variable>
@@ -22,6 +21,35 @@ constexpr int kLanes = 16;
 constexpr int kLanes = 8;
 #endif
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));   // unaligned loads
+
+typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vec splat(float v) { return vec{} + v; }
+
+// e^x for x <= 0 (softmax arguments s - max, sigmoid's e^-|x|): Cephes' expf (range reduction by ln 2
+// in two parts and a degree-6 polynomial, within 2 ulp), flushing below -87.3 to the smallest normal
+// range.
+inline vec exp_nonpositive(vec x) {
+  x = x < splat(-87.33654f) ? splat(-87.33654f) : x;
+  vec fx = x * 1.44269504088896341f + 0.5f;
+  ivec n = __builtin_convertvector(fx, ivec);                  // truncates toward zero
+  const vec truncated = __builtin_convertvector(n, vec);
+  n -= (truncated > fx) ? ivec{} + 1 : ivec{};                  // floor
+  const vec nf = __builtin_convertvector(n, vec);
+  x -= nf * 0.693359375f;
+  x -= nf * -2.12194440e-4f;
+  vec y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  const ivec bits = (n + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
 
 // 8 float32 values widened to 8 doubles (one AVX-512 register): gelu.cc and layer_norm.cc compute in
 // double and round once to float32.
