@@ -6,7 +6,7 @@ figures, not a test).
 Models of the config share the same N(0, 0.02) vision weights (only the tower and adapter are filled;
 the decoder's parameters stay lazy and take no memory):
 - ``ops``: ``vision_kernels: ops, gemm: onednn``, MindSpore's ops alone;
-- ``fused``: ``vision_kernels: fused, gemm: onednn``, the GELU, LayerNorm and attention kernels;
+- ``fused``: ``vision_kernels: fused, gemm: onednn``, the GELU, LayerNorm, attention and SiLU * up kernels;
 - ``fused+amx``: ``vision_kernels: fused, gemm: amx``, and the AMX product (what ``auto`` runs on a CPU
   with AMX-BF16; left out where the CPU has none).
 Each round encodes the golden video's frames with every model, in rotating order, so load from other

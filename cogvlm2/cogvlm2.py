@@ -4,7 +4,7 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on
 - ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
   on chunks of ``config.vision_batch_frames`` frames, left-over frames one at a time (on CPU,
   static-shape kernels run this tower 1.7x faster than a dynamic T); with ``vision_kernels`` fused
-  (auto on CPU) its GELU, LayerNorm and attention are CPU kernels (``cogvlm2_cpu_kernels``);
+  (auto on CPU) its GELU, LayerNorm, attention and SiLU * up are CPU kernels (``cogvlm2_cpu_kernels``);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
   prefill (empty cache) and every decode step; with ``gemm`` amx (auto on a CPU with AMX-BF16) its
@@ -358,8 +358,8 @@ def _decoder_kernels_fused(config) -> bool:
 
 
 def _vision_kernels(config, matmul) -> VisionKernels:
-    """The GELU, LayerNorm and attention of the vision tower and adapter, as ``vision_kernels`` resolves,
-    and ``matmul`` (``_gemm``) as their product."""
+    """The GELU, LayerNorm, attention and SiLU * up of the vision tower and adapter, as ``vision_kernels``
+    resolves, and ``matmul`` (``_gemm``) as their product."""
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
         return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
                              attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul,

@@ -162,9 +162,9 @@ class CogVLM2Config(PretrainedConfig):
         # copies every row's cache); "auto" = slots on CPU if it builds, concat elsewhere. Prefill always
         # runs the step graph on the functional cache.
         self.kv_cache = kv_cache
-        # the vision tower's and adapter's GELU and LayerNorm: "fused" = one-pass CPU kernels
-        # (cogvlm2_cpu_kernels, float32 CPU; MindSpore 2.7.2 runs exact GELU as four kernels with a scalar
-        # erf, and its CPU LayerNorm slowly: 26% of the bench tower); "ops" = ops.gelu / ops.LayerNorm
+        # the vision tower's and adapter's GELU, LayerNorm, attention and SiLU * up: "fused" = one-pass CPU
+        # kernels (cogvlm2_cpu_kernels, float32 CPU; MindSpore 2.7.2 runs exact GELU as four kernels with a
+        # scalar erf, and its CPU LayerNorm slowly: 26% of the bench tower); "ops" = MindSpore's ops
         # (every backend); "auto" = fused on CPU if it builds, ops elsewhere.
         self.vision_kernels = vision_kernels
         # the decoder's RMSNorm and silu(gate) * up, and its attention in the causal-LM step graphs
