@@ -3,8 +3,8 @@
 Plain MindSpore Cells whose parameter names are the checkpoint's (``weight``, ``bias``), built from
 kernels that exist on CPU and Ascend (``ops.MatMul``, ``ops.LayerNorm``, ``ops.softmax``); a caller may
 hand ``Linear``, ``LayerNorm``, ``RMSNorm``, ``gelu`` and ``swiglu`` a CPU kernel instead
-(``cogvlm2_cpu_kernels``). One linear,
-one LayerNorm, one RMSNorm, one GELU, one attention core and one SwiGLU are used everywhere.
+(``cogvlm2_cpu_kernels``). One linear, one LayerNorm, one RMSNorm, one GELU, one attention core and one
+SwiGLU are used everywhere.
 
 Two CPU facts shape the code (measured in graphs with dynamic shapes, mindspore 2.7.2):
 - a 2-D ``MatMul`` with the weight stored (in, out) runs 1.3-2x faster than ``transpose_b`` or

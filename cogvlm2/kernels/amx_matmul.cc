@@ -56,7 +56,7 @@ constexpr int kParts = 3;          // hi, mid, lo
 constexpr int64_t kPanel = 128;    // columns of w a thread converts at once
 constexpr int64_t kChunk = 32;     // steps of 32 values of K per chunk
 
-inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+using cogvlm2::round_up;
 
 typedef uint16_t bf16;
 

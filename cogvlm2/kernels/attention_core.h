@@ -21,7 +21,7 @@ constexpr int kRows = 4;         // query rows per block (their sums stay in reg
 constexpr int kBlock = 4;        // vectors of keys (scores) or of output columns per pass
 constexpr int64_t kPad = kBlock * kLanes;   // head columns are padded to whole passes
 
-inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+using cogvlm2::round_up;
 
 // One (sequence, head)'s operands, reused across calls by each thread.
 struct Scratch {

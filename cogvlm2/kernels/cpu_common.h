@@ -24,6 +24,8 @@ typedef float vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)
 
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
 inline vec splat(float v) { return vec{} + v; }
 
 // e^x for x <= 0 (softmax arguments s - max, sigmoid's e^-|x|): Cephes' expf (range reduction by ln 2
