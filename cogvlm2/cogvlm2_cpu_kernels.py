@@ -28,7 +28,8 @@
 - ``amx_matmul_op()``: ``x (M, K) @ w (K, N)`` of many rows (the vision tower, the adapter, prefill) on
   the AMX bf16 tile unit at float32 accuracy: each float32 is split into three bfloat16 parts and the
   six significant part products are summed in float32 (``kernels/amx_matmul.cc``); fewer than 16 rows
-  go to the rows kernel. Differentiable (its gradient is two MindSpore MatMuls).
+  go to the rows kernel. Differentiable (its gradient is two MindSpore MatMuls). ``amx_linear_op()``: the
+  same with a Linear's bias added as the sums are stored (the vision tower's biased Linears).
 - ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` /
   ``resolve_decoder_kernels`` / ``resolve_gemm``: a config value -> what runs ("auto": the kernels on a
   float32 CPU model when they build, the portable ops elsewhere; for ``gemm`` also only on a CPU with
@@ -58,7 +59,8 @@ __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES"
            "GEMM_CHOICES", "DECODER_KERNELS_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
            "resolve_vision_kernels", "resolve_decoder_kernels", "resolve_gemm", "rows_matmul_op",
            "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
-           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_available", "build_library"]
+           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op",
+           "amx_available", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
@@ -228,6 +230,14 @@ def amx_matmul_op():
     return _custom("AmxMatMul", [("x", f32), ("w", f32)], _matmul_bprop)
 
 
+def amx_linear_op():
+    """``(x (M, K), w (K, N), bias (N,)) -> x @ w + bias`` (M, N) float32: ``amx_matmul_op`` with the bias
+    added as the sums are stored, one kernel instead of a product and a BiasAdd (``kernels/amx_matmul.cc``);
+    differentiable in x, w and bias. Only where ``amx_available()``."""
+    f32 = DataType.F32_Default
+    return _custom("AmxLinear", [("x", f32), ("w", f32), ("bias", f32)], _linear_bprop)
+
+
 @functools.lru_cache(maxsize=None)
 def amx_available() -> bool:
     """Whether the library has the AMX path and this process may use the tile registers (the CPU has
@@ -242,6 +252,11 @@ _matmul_tn = ops.MatMul(transpose_a=True)
 def _matmul_bprop(x, w, out, dout):
     """y = x w: dx = dout w^T, dw = x^T dout."""
     return _matmul_nt(dout, w), _matmul_tn(x, dout)
+
+
+def _linear_bprop(x, w, bias, out, dout):
+    """y = x w + b: dx = dout w^T, dw = x^T dout, db = dout summed over rows."""
+    return _matmul_nt(dout, w), _matmul_tn(x, dout), dout.sum(0)
 
 
 _SQRT_HALF = 0.7071067811865476

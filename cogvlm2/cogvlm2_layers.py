@@ -47,20 +47,23 @@ class Linear(nn.Cell):
     checkpoint's (out, in), which the loader applies (``transposed_in_checkpoint``).
 
     ``kernel``: a primitive ``(x (N, in), W (in, out)) -> (N, out)`` this Linear uses instead of
-    ``ops.MatMul`` (the vision tower's get the AMX kernel, ``cogvlm2_cpu_kernels``).
-    ``construct(x, matmul=None)``: ``matmul``, the same kind of primitive, replaces both for this call;
-    the step graphs pass theirs (the rows kernel, the AMX kernel) down through the decoder.
+    ``ops.MatMul`` (the vision tower's get the AMX kernel, ``cogvlm2_cpu_kernels``); ``biased``: a primitive
+    ``(x, W, b (out,)) -> x W + b`` a Linear with a bias uses instead of its product and ``bias_add``.
+    ``construct(x, matmul=None)``: ``matmul``, the same kind of primitive as ``kernel``, replaces both for
+    this call; the step graphs pass theirs (the rows kernel, the AMX kernel) down through the decoder.
     """
 
     transposed_in_checkpoint = ("weight",)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=ms.float32, kernel=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=ms.float32, kernel=None,
+                 biased=None):
         super().__init__()
         self.out_features = out_features
         self.weight = Parameter(placeholder((in_features, out_features), dtype), name="weight")
         self.bias = Parameter(placeholder((out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul()
         self.kernel = kernel
+        self.biased = biased if bias else None
 
     def construct(self, x, matmul=None):
         if x.ndim == 2:                                                  # (N, in): no reshapes
@@ -69,6 +72,8 @@ class Linear(nn.Cell):
         return self._matmul(x.reshape(-1, shape[-1]), matmul).reshape(shape[:-1] + (self.out_features,))
 
     def _matmul(self, x, matmul):
+        if matmul is None and self.biased is not None:
+            return self.biased(x, self.weight, self.bias)                # (N, out), bias added in the kernel
         if matmul is not None:
             y = matmul(x, self.weight)                                   # (N, out)
         elif self.kernel is not None:

@@ -6,8 +6,8 @@ Parameter names follow the HF checkpoint under ``model.vision.*``:
 
 ``VisionKernels``: the GELU, LayerNorm, attention, SiLU * up and product every cell of the tower and the
 adapter uses (None: MindSpore's ops; on CPU ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` /
-``vision_attention_op`` / ``silu_mul_op``, chosen by ``vision_kernels``, and ``amx_matmul_op``, chosen by
-``gemm``).
+``vision_attention_op`` / ``silu_mul_op``, chosen by ``vision_kernels``, and ``amx_matmul_op`` /
+``amx_linear_op``, chosen by ``gemm``).
 """
 from typing import NamedTuple
 
@@ -26,6 +26,7 @@ class VisionKernels(NamedTuple):
     layer_norm: object = None    # (x, weight, bias, eps (1,)) -> LayerNorm(x)
     attention: object = None     # (qkv (T, L, 3C), heads (1,) int32) -> (T, L, C)
     matmul: object = None        # (x (N, in), W (in, out)) -> (N, out), every Linear's product
+    linear: object = None        # (x, W, b (out,)) -> x W + b, the product and bias of every biased Linear
     silu_mul: object = None      # (gate, up) -> silu(gate) * up, the adapter's SwiGLU
 
 
@@ -70,8 +71,9 @@ class Attention(nn.Cell):
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
         self.scale = self.head_dim ** -0.5
-        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, True, dtype, kernels.matmul)
-        self.dense = Linear(config.hidden_size, config.hidden_size, True, dtype, kernels.matmul)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, True, dtype, kernels.matmul,
+                                      kernels.linear)
+        self.dense = Linear(config.hidden_size, config.hidden_size, True, dtype, kernels.matmul, kernels.linear)
         self.kernel = kernels.attention
         self.heads = Tensor(np.array([self.num_heads], np.int32))
 
@@ -96,8 +98,8 @@ class MLP(nn.Cell):
 
     def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, True, dtype, kernels.matmul)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, True, dtype, kernels.matmul)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, True, dtype, kernels.matmul, kernels.linear)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, True, dtype, kernels.matmul, kernels.linear)
         self.gelu_kernel = kernels.gelu
 
     def construct(self, x):

@@ -1,8 +1,8 @@
 """The CPU kernels (cogvlm2_cpu_kernels) against numpy float64, in the dynamic-shape graph mode they run
-in: the rows kernel, the AMX product and its gradient, the decode attention on the slot cache (written in
-place, read back by the next step), the vision tower's GELU, LayerNorm and attention and their gradients,
-the decoder's prefill attention, RMSNorm and SiLU * up; the slot decode step against the functional step; build errors and
-config choices."""
+in: the rows kernel, the AMX product (also with the bias) and its gradient, the decode attention on the
+slot cache (written in place, read back by the next step), the vision tower's GELU, LayerNorm and
+attention and their gradients, the decoder's prefill attention, RMSNorm and SiLU * up; the slot decode
+step against the functional step; build errors and config choices."""
 import math
 import os
 
@@ -13,7 +13,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
-from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_matmul_op, decode_attention_op, gelu_op,
+from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_linear_op, amx_matmul_op, decode_attention_op, gelu_op,
                                          layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
                                          resolve_kv_cache, resolve_decoder_kernels, resolve_vision_kernels,
                                          rms_norm_op, rows_matmul_op, silu_mul_op, vision_attention_op)
@@ -116,6 +116,66 @@ def test_amx_kernel_keeps_float32_accuracy_where_fewer_bfloat16_parts_would_not(
         px, pw = parts(x, count), parts(w, count)
         fewer = sum(px[i] @ pw[j] for i in range(count) for j in range(count) if i + j <= 2)
         assert (np.abs(fewer - exact) / bound).max() > factor
+
+
+class BiasedProduct(nn.Cell):
+    """``linear(x, W, b)`` and ``bias_add(product(x, W), b)`` in one graph with a dynamic row count."""
+
+    def __init__(self, weight, bias, linear, product):
+        super().__init__()
+        self.weight = Parameter(Tensor(weight), name="weight")
+        self.bias = Parameter(Tensor(bias), name="bias")
+        self.linear = linear
+        self.product = product
+
+    def construct(self, x):
+        return self.linear(x, self.weight, self.bias), ops.bias_add(self.product(x, self.weight), self.bias)
+
+
+@needs_amx
+@pytest.mark.parametrize("k, n", [(37, 203), (256, 768), (2100, 40)])
+def test_amx_linear_is_the_product_then_the_bias(k, n):
+    """The bias added as the sums are stored gives the same bits as the product followed by MindSpore's
+    BiasAdd (the bias is added last in both): one and three chunks of K, N not a multiple of 32 (the
+    bias of a partial block), rows below 16 (the rows kernel, then the bias) and tails of 32-row blocks."""
+    rng = np.random.default_rng(k + n)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32) * 3
+    cell = BiasedProduct(w, b, amx_linear_op(), amx_matmul_op())
+    cell.set_inputs(Tensor(shape=[None, k], dtype=ms.float32))
+    for m in (1, 15, 16, 31, 33, 100):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        fused, separate = (t.asnumpy() for t in cell(Tensor(x)))
+        assert fused.shape == (m, n)
+        assert np.array_equal(fused, separate), (m, np.abs(fused - separate).max())
+        exact = x.astype(np.float64) @ w.astype(np.float64) + b
+        assert np.all(np.abs(fused - exact) <= tolerance(x, w) + np.finfo(np.float32).eps * np.abs(exact))
+
+
+@needs_amx
+def test_amx_linear_gradient_matches_mindspore_ops():
+    rng = np.random.default_rng(4)
+    x = Tensor(rng.standard_normal((37, 50)).astype(np.float32))
+    w = Tensor(rng.standard_normal((50, 21)).astype(np.float32))
+    b = Tensor(rng.standard_normal(21).astype(np.float32))
+    r = Tensor(rng.standard_normal((37, 21)).astype(np.float32))
+
+    class Loss(nn.Cell):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def construct(self, x, w, b, weights):
+            return (self.linear(x, w, b) * weights).sum()
+
+    def portable(x, w, b):
+        return ops.bias_add(ops.matmul(x, w), b)
+
+    ours = ms.grad(Loss(amx_linear_op()), grad_position=(0, 1, 2))(x, w, b, r)
+    theirs = ms.grad(Loss(portable), grad_position=(0, 1, 2))(x, w, b, r)
+    for a, c in zip(ours, theirs):
+        a, c = a.asnumpy(), c.asnumpy()
+        assert np.abs(a - c).max() <= 1e-6 * np.abs(c).max(), np.abs(a - c).max()
 
 
 @needs_amx

@@ -96,6 +96,8 @@ def test_mindspore_ops_match_the_reference(model, converted, golden):
     layer = model.model.vision.transformer.layers[0]
     assert None not in (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel)
     assert (layer.mlp.fc1.kernel is not None) == amx_available()
+    assert (layer.mlp.fc1.biased is not None) == (layer.attention.dense.biased is not None) == amx_available()
+    assert model.model.vision.linear_proj.gate_proj.biased is None              # no bias: the plain product
     assert (model.step.matmul is not None) == amx_available()
     decoder = model.model.layers[0]
     assert None not in (model.step.attend, decoder.input_layernorm.kernel, decoder.mlp.language_mlp.silu_mul,
@@ -105,6 +107,7 @@ def test_mindspore_ops_match_the_reference(model, converted, golden):
     layer = portable.model.vision.transformer.layers[0]
     assert (layer.mlp.gelu_kernel, layer.input_layernorm.kernel, layer.attention.kernel) == (None, None, None)
     assert layer.mlp.fc1.kernel is None and layer.attention.query_key_value.kernel is None
+    assert layer.mlp.fc1.biased is None and layer.attention.query_key_value.biased is None
     assert portable.step.matmul is None and portable.step.attend is None
     decoder = portable.model.layers[0]
     assert (decoder.input_layernorm.kernel, decoder.mlp.language_mlp.silu_mul, portable.model.norm.kernel) == \

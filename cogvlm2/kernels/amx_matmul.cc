@@ -2,7 +2,9 @@
 // prefill and of the vision tower (products of fewer than 16 rows go to the rows kernel).
 //
 // x (M, K), w (K, N) (Linear's (in, out) layout), y (M, N), all float32 row-major.
-// A MindSpore "aot" Custom CPU kernel: AmxMatMul(nparam=3, params={x, w, y}, ...).
+// A MindSpore "aot" Custom CPU kernel: AmxMatMul(nparam=3, params={x, w, y}, ...), and AmxLinear
+// (nparam=4, {x, w, bias (N,), y}) for y = x @ w + bias, the bias added as the last chunk's sums are
+// stored: a biased Linear in one kernel instead of a product and MindSpore's BiasAdd.
 //
 // How: every float32 value v is cut into three bfloat16 parts, hi = bf16(v), mid = bf16(v - hi),
 // lo = bf16(v - hi - mid) (round to nearest; the subtractions are exact), so v = hi + mid + lo to within
@@ -213,9 +215,10 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
   }
 }
 
-// C tiles -> y rows [m0, m0 + 32) x columns [n, n + 32), clipped to M x N; added to y unless `first`.
-inline void store_sums(float *y, int64_t M, int64_t N, int64_t m0, int64_t n, bool first) {
-  if (first && m0 + kBlock <= M && n + kBlock <= N) {
+// C tiles -> y rows [m0, m0 + 32) x columns [n, n + 32), clipped to M x N; added to y unless `first`;
+// plus bias[n ..] if `bias` (given with the last chunk of K).
+inline void store_sums(float *y, int64_t M, int64_t N, int64_t m0, int64_t n, bool first, const float *bias) {
+  if (first && bias == nullptr && m0 + kBlock <= M && n + kBlock <= N) {
     const int stride = static_cast<int>(N * 4);
     _tile_stored(0, y + m0 * N + n, stride);
     _tile_stored(1, y + m0 * N + n + kTile, stride);
@@ -229,17 +232,18 @@ inline void store_sums(float *y, int64_t M, int64_t N, int64_t m0, int64_t n, bo
   _tile_stored(2, c + kTile * kBlock, kBlock * 4);
   _tile_stored(3, c + kTile * kBlock + kTile, kBlock * 4);
   const int64_t rows = std::min(kBlock, M - m0), cols = std::min(kBlock, N - n);
+  __m512 b[kBlock / 16];                                     // bias[n ..], zeros beyond N
+  for (int64_t j = 0; j < kBlock; j += 16)
+    b[j / 16] = bias != nullptr ? _mm512_maskz_loadu_ps(lanes(cols - j), bias + n + j) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
     float *out = y + (m0 + r) * N + n;
     const float *sums = c + r * kBlock;
-    if (first) {
-      std::memcpy(out, sums, sizeof(float) * cols);
-      continue;
-    }
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 valid = lanes(cols - j);
-      _mm512_mask_storeu_ps(out + j, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, out + j),
-                                                           _mm512_load_ps(sums + j)));
+      __m512 v = _mm512_load_ps(sums + j);
+      if (!first) v = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, out + j), v);
+      if (bias != nullptr) v = _mm512_add_ps(v, b[j / 16]);
+      _mm512_mask_storeu_ps(out + j, valid, v);
     }
   }
 }
@@ -261,7 +265,7 @@ struct Buffer {
   }
 };
 
-void amx_matmul(const float *x, const float *w, float *y, int64_t M, int64_t K, int64_t N) {
+void amx_matmul(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N) {
   const int64_t Mp = round_up(M, kBlock), steps = round_up(K, kStep) / kStep;
   const int64_t strip = steps * kParts * kTileSize;          // bf16 values of a 16-row / column strip
   static thread_local Buffer a_buffer;                        // x's parts
@@ -285,7 +289,7 @@ void amx_matmul(const float *x, const float *w, float *y, int64_t M, int64_t K, 
           for (int64_t j = 0; j < width; j += kBlock) {
             block_sums(a + m0 / kTile * strip + s0 * kParts * kTileSize, strip, b + j / kTile * b_strip, b_strip,
                        chunk);
-            store_sums(y, M, N, m0, n0 + j, s0 == 0);
+            store_sums(y, M, N, m0, n0 + j, s0 == 0, s0 + chunk == steps ? bias : nullptr);
           }
       }
     }
@@ -306,28 +310,59 @@ extern "C" int AmxMatMulAvailable() {
 #endif
 }
 
-extern "C" int AmxMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                         void *stream, void *extra) {
-  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
-  for (int i = 0; i < 3; ++i)
+namespace {
+
+// y = x @ w: params {x, w, y}; y = x @ w + bias: {x, w, bias, y}.
+int amx_product(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                void *extra) {
+  const bool biased = nparam == 4;
+  if ((nparam != 3 && !biased) || ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 1;
+  for (int i = 0; i < nparam; ++i)
     if (!cogvlm2::is_float32(dtypes[i])) return 2;
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
-  if (shapes[1][0] != K || shapes[2][0] != M || shapes[2][1] != N) return 3;
-  if (M < kMinRows) return RowsMatMul(nparam, params, ndims, shapes, dtypes, stream, extra);
+  int64_t *out = shapes[nparam - 1];
+  if (shapes[1][0] != K || out[0] != M || out[1] != N || (biased && (ndims[2] != 1 || shapes[2][0] != N))) return 3;
+  float *y = static_cast<float *>(params[nparam - 1]);
+  const float *bias = biased ? static_cast<const float *>(params[2]) : nullptr;
+  if (M < kMinRows || K == 0) {                      // the rows kernel's product, then the bias
+    if (K == 0) {
+      std::memset(y, 0, sizeof(float) * M * N);
+    } else {
+      void *product[3] = {params[0], params[1], y};
+      int64_t *product_shapes[3] = {shapes[0], shapes[1], out};
+      const char *product_dtypes[3] = {dtypes[0], dtypes[1], dtypes[nparam - 1]};
+      int product_ndims[3] = {2, 2, 2};
+      const int status = RowsMatMul(3, product, product_ndims, product_shapes, product_dtypes, stream, extra);
+      if (status != 0) return status;
+    }
+    if (bias != nullptr)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    return 0;
+  }
 #ifdef COGVLM2_AMX
   if (!amx_ready()) return 4;
   if (N == 0) return 0;
-  float *y = static_cast<float *>(params[2]);
-  if (K == 0) {
-    std::memset(y, 0, sizeof(float) * M * N);
-    return 0;
-  }
-  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), y, M, K, N);
+  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), bias, y, M, K, N);
   return 0;
 #else
-  (void)params;
   return 4;
 #endif
+}
+
+}  // namespace
+
+// params {x (M, K), w (K, N), y (M, N)}: y = x @ w.
+extern "C" int AmxMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  return nparam == 3 ? amx_product(nparam, params, ndims, shapes, dtypes, stream, extra) : 1;
+}
+
+// params {x (M, K), w (K, N), bias (N,), y (M, N)}: y = x @ w + bias, the bias added as each block's
+// sums are stored (a biased Linear in one pass, not a product and a BiasAdd).
+extern "C" int AmxLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  return nparam == 4 ? amx_product(nparam, params, ndims, shapes, dtypes, stream, extra) : 1;
 }
 
 // Output shape for MindSpore's graph compiler and its dynamic-shape runtime: (M, N).
@@ -335,4 +370,8 @@ extern "C" std::vector<int64_t> AmxMatMulInferShape(int *ndims, int64_t **shapes
   (void)ndims;
   (void)extra;
   return {shapes[0][0], shapes[1][1]};
+}
+
+extern "C" std::vector<int64_t> AmxLinearInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return AmxMatMulInferShape(ndims, shapes, extra);
 }
