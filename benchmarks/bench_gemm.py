@@ -3,7 +3,7 @@ process (a script that prints figures, not a test).
 
     python benchmarks/bench_gemm.py [--rounds 15]
 
-One-op graphs ``x (M, K) @ w (K, N)`` on the bench tower's and decoder's shapes (3 frames = 771 rows,
+One-op graphs ``x (M, K) @ w (K, N)`` on the bench tower's and decoder's shapes (6 frames = 1542 rows,
 the 413-token prompt) and on the real model's (vision hidden 1792 / MLP 15360, decoder 4096 / 14336):
 medians of ``--rounds`` interleaved calls each, GFLOP/s, the ratio, and both results' largest error
 against float64 on 64 rows. The whole prefill step with each choice: ``bench_prefill.py``.
@@ -20,9 +20,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-SHAPES = {"bench tower qkv": (771, 256, 768), "bench tower fc2": (771, 1024, 256),
+SHAPES = {"bench tower qkv": (1542, 256, 768), "bench tower fc2": (1542, 1024, 256),
           "bench decoder gate": (413, 1024, 2816), "bench decoder down": (413, 2816, 1024),
-          "real tower fc1": (771, 1792, 15360), "real tower fc2": (771, 15360, 1792),
+          "real tower fc1": (1542, 1792, 15360), "real tower fc2": (1542, 15360, 1792),
           "real decoder gate": (413, 4096, 14336)}
 
 

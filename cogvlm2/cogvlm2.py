@@ -2,8 +2,9 @@
 
 Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on CPU:
 - ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
-  on chunks of ``config.vision_batch_frames`` frames, left-over frames one at a time (on CPU,
-  static-shape kernels run this tower 1.7x faster than a dynamic T); with ``vision_kernels`` fused
+  on chunks of ``config.vision_batch_frames`` frames, left-over frames in chunks of half as many, down
+  to one (``vision_graph_frames``; on CPU, static-shape kernels run this tower 1.7x faster than a
+  dynamic T); with ``vision_kernels`` fused
   (auto on CPU) its GELU, LayerNorm, attention and SiLU * up are CPU kernels (``cogvlm2_cpu_kernels``);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
@@ -26,6 +27,7 @@ The network holds no request state: generation (``cogvlm2_generation``) and serv
 (``cogvlm2_engine``) are layers above it that call ``encode_video``, ``run_step`` and ``run_slot_step``.
 """
 import os
+from typing import Tuple
 
 import numpy as np
 import mindspore as ms
@@ -216,12 +218,23 @@ class CogVLM2ForVideo(PreTrainedModel):
         if pixels.ndim != 4 or pixels.shape[1:] != (self.config.vision_config.in_channels, size, size):
             raise CogVLM2InputError(f"pixel_values has shape {pixels.shape}; expected (T, 3, {size}, {size}) "
                                     "from CogVLM2Processor")
-        # static-shape graphs: chunks of vision_batch_frames (c, 3, 224, 224), then single frames
-        chunk = max(1, self.config.vision_batch_frames)
-        full = len(pixels) // chunk * chunk
-        spans = [(s, chunk) for s in range(0, full, chunk)] + [(s, 1) for s in range(full, len(pixels))]
+        spans, start = [], 0
+        for count in self.vision_graph_frames():        # as many of the largest chunk as fit, then smaller
+            while len(pixels) - start >= count:
+                spans.append((start, count))
+                start += count
         frames = [self.model.vision(Tensor(pixels[s:s + n])) for s, n in spans]  # (n, 66, H) each
         return ops.concat(frames, 0) if len(frames) > 1 else frames[0]
+
+    def vision_graph_frames(self) -> Tuple[int, ...]:
+        """The frame counts of the static-shape vision graphs, largest first: ``vision_batch_frames``, then
+        halved down to one frame (6 -> 6, 3, 1). A video runs as many of the largest as fit, then the
+        rest in smaller ones, so at most one call of each smaller size."""
+        counts, count = [], max(1, self.config.vision_batch_frames)
+        while count >= 1:
+            counts.append(count)
+            count //= 2
+        return tuple(counts)
 
     # ----- one forward pass ----------------------------------------------------------------------
     def _graph_inputs(self, input_ids, vision_embeds, token_type_ids, position_ids, bias) -> tuple:

@@ -368,8 +368,8 @@ class CogVLM2Engine:
         model = self.model
 
         def compile_graphs():
-            size = model.config.image_size
-            model.encode_video(np.zeros((1, 3, size, size), np.float32))
+            size = model.config.image_size                           # every vision graph, once
+            model.encode_video(np.zeros((sum(model.vision_graph_frames()), 3, size, size), np.float32))
             rows = 2                                                   # a decode step of two sequences
             model.run_step(np.zeros((rows, 1), np.int64), None, np.zeros((rows, 1), np.int64),
                            np.zeros((rows, 1), np.int64), causal_bias(np.ones((rows, 1), np.int64), 0),

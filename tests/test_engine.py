@@ -77,11 +77,12 @@ def test_scripted_arrivals_each_get_their_single_run_tokens(engine, golden, imag
 
 
 def test_step_graph_compiles_once_across_batches(engine):
-    engine.warmup()                                                   # a one-frame vision graph
+    engine.warmup()                                                   # every vision graph
+    assert len(engine.model.model.vision.compile_cache) == len(engine.model.vision_graph_frames())
     engine.generate([{"text": PROMPT, "video": VIDEO}, "Hi", "A longer question about nothing at all?"],
                     max_new_tokens=4)
     assert len(engine.model.step.compile_cache) == 1
-    # the vision tower has static graphs (vision_batch_frames frames, and one frame), and so have the
+    # the vision tower has static graphs (vision_batch_frames frames, half as many, ... one), and so have the
     # slot-cache decode steps (kv_cache; one per padded batch size and cache shape, all compiled by
     # warmup): once they exist, new videos, prompt lengths and batch sizes compile nothing more
     static = [g for g in (engine.model.model.vision, engine.model.slot_step, engine.model.slot_rows_step) if g]

@@ -88,6 +88,17 @@ def test_vision_embeds(model, golden):
     assert maxdiff(embeds.asnumpy(), golden["vision_embeds"]) <= VISION_EMBEDS_TOL
 
 
+def test_vision_runs_any_frame_count_in_chunks(model, golden):
+    """11 frames (the golden 6, then its first 5 again) run as chunks of 6, 3, 1 and 1 frames: every
+    frame's embeddings are the reference's for that frame."""
+    assert model.vision_graph_frames() == (6, 3, 1)
+    pixels = np.concatenate([golden["pixel_values"], golden["pixel_values"][:5]])
+    embeds = model.encode_video(pixels).asnumpy()
+    assert embeds.shape == (11, 66, 32)
+    expected = np.concatenate([golden["vision_embeds"], golden["vision_embeds"][:5]])
+    assert maxdiff(embeds, expected) <= VISION_EMBEDS_TOL
+
+
 def test_mindspore_ops_match_the_reference(model, converted, golden):
     """``vision_kernels`` auto runs the CPU GELU/LayerNorm/attention/SiLU*up kernels here,
     ``decoder_kernels`` auto the decoder's RMSNorm, SiLU*up and attention kernels, and ``gemm`` auto the
