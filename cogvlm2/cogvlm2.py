@@ -4,8 +4,8 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on
 - ``model.vision``: frames (c, 3, 224, 224) -> vision embeddings (c, 66, hidden), a static shape run
   on chunks of ``config.vision_batch_frames`` frames, left-over frames in chunks of half as many, down
   to one (``vision_graph_frames``; on CPU, static-shape kernels run this tower 1.7x faster than a
-  dynamic T); with ``vision_kernels`` fused
-  (auto on CPU) its GELU, LayerNorm, attention and SiLU * up are CPU kernels (``cogvlm2_cpu_kernels``);
+  dynamic T); with ``vision_kernels`` fused (auto on CPU) its GELU, LayerNorm, attention and SiLU * up
+  are CPU kernels (``cogvlm2_cpu_kernels``);
 - the causal-LM step (``CausalLMStep``), with dynamic batch, length and cache length: token ids +
   vision embeddings + cache -> logits at the requested positions + the extended cache. It serves
   prefill (empty cache) and every decode step; with ``gemm`` amx (auto on a CPU with AMX-BF16) its

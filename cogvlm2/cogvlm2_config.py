@@ -134,8 +134,8 @@ class CogVLM2Config(PretrainedConfig):
         self.num_frames = num_frames
         # frames per vision-tower call: a static (vision_batch_frames, 3, 224, 224) graph; left-over
         # frames go in chunks of half as many, down to one (6: graphs of 6, 3 and 1 frames). On CPU the
-        # bench tower ran 6 frames 1.2x faster one at a time than in one call, and 1.07x faster in one
-        # call than in two of 3 (the AMX product, one process).
+        # bench tower ran 6 frames 1.2x slower one frame per call than 3 per call, and 1.07x faster in
+        # one call of 6 than in two of 3 (with the AMX product, one process).
         self.vision_batch_frames = vision_batch_frames
         self.adapter_conv_size = adapter_conv_size
         self.adapter_layer_norm_eps = adapter_layer_norm_eps

@@ -59,8 +59,7 @@ __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES"
            "GEMM_CHOICES", "DECODER_KERNELS_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
            "resolve_vision_kernels", "resolve_decoder_kernels", "resolve_gemm", "rows_matmul_op",
            "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
-           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op",
-           "amx_available", "build_library"]
+           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op", "amx_available", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
