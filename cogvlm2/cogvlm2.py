@@ -374,12 +374,12 @@ def _vision_kernels(config, matmul) -> VisionKernels:
     """The GELU, LayerNorm, attention and SiLU * up of the vision tower and adapter, as ``vision_kernels``
     resolves, and ``matmul`` (``_gemm``: the AMX product or None) as their product, with the AMX product
     that also adds the bias for the biased Linears."""
-    amx = {"linear": amx_linear_op()} if matmul is not None else {}
+    linear = amx_linear_op() if matmul is not None else None
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
         return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
                              attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul,
-                             silu_mul=silu_mul_op(), **amx)
-    return VisionKernels(matmul=matmul, **amx)
+                             silu_mul=silu_mul_op(), linear=linear)
+    return VisionKernels(matmul=matmul, linear=linear)
 
 
 def _check_device_dtype(config):

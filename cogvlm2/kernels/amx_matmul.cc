@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -324,17 +323,13 @@ int amx_product(int nparam, void **params, int *ndims, int64_t **shapes, const c
   if (shapes[1][0] != K || out[0] != M || out[1] != N || (biased && (ndims[2] != 1 || shapes[2][0] != N))) return 3;
   float *y = static_cast<float *>(params[nparam - 1]);
   const float *bias = biased ? static_cast<const float *>(params[2]) : nullptr;
-  if (M < kMinRows || K == 0) {                      // the rows kernel's product, then the bias
-    if (K == 0) {
-      std::memset(y, 0, sizeof(float) * M * N);
-    } else {
-      void *product[3] = {params[0], params[1], y};
-      int64_t *product_shapes[3] = {shapes[0], shapes[1], out};
-      const char *product_dtypes[3] = {dtypes[0], dtypes[1], dtypes[nparam - 1]};
-      int product_ndims[3] = {2, 2, 2};
-      const int status = RowsMatMul(3, product, product_ndims, product_shapes, product_dtypes, stream, extra);
-      if (status != 0) return status;
-    }
+  if (M < kMinRows || K == 0) {            // the rows kernel's product (zeros if K is 0), then the bias
+    void *product[3] = {params[0], params[1], y};
+    int64_t *product_shapes[3] = {shapes[0], shapes[1], out};
+    const char *product_dtypes[3] = {dtypes[0], dtypes[1], dtypes[nparam - 1]};
+    int product_ndims[3] = {2, 2, 2};
+    const int status = RowsMatMul(3, product, product_ndims, product_shapes, product_dtypes, stream, extra);
+    if (status != 0) return status;
     if (bias != nullptr)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
