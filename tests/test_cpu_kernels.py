@@ -85,8 +85,9 @@ needs_amx = pytest.mark.skipif(not amx_available(), reason="this CPU (or kernel)
 def test_amx_kernel_matches_float64(k, n, view):
     """Within the float32 dot-product bound, like the rows kernel: K not a multiple of 32 and beyond one
     1024-value chunk (2100), N not a multiple of 16, rows below 16 (the rows kernel), 16-31 and tails of
-    32-row blocks, operands handed over from a transpose or a slice."""
-    check_product(amx_matmul_op(), k, n, view, (1, 15, 16, 31, 33, 100), seed=k * n + 7)
+    32-row blocks, operands handed over from a transpose or a slice; 300 rows: tall products whose w
+    parts fit in L2 go through their rows (all these shapes but 256 x 768)."""
+    check_product(amx_matmul_op(), k, n, view, (1, 15, 16, 31, 33, 100, 300), seed=k * n + 7)
 
 
 @needs_amx
@@ -137,13 +138,14 @@ class BiasedProduct(nn.Cell):
 def test_amx_linear_is_the_product_then_the_bias(k, n):
     """The bias added as the sums are stored gives the same bits as the product followed by MindSpore's
     BiasAdd (the bias is added last in both): one and three chunks of K, N not a multiple of 32 (the
-    bias of a partial block), rows below 16 (the rows kernel, then the bias) and tails of 32-row blocks."""
+    bias of a partial block), rows below 16 (the rows kernel, then the bias), tails of 32-row blocks and
+    300 rows (through the rows, but for 256 x 768)."""
     rng = np.random.default_rng(k + n)
     w = rng.standard_normal((k, n), dtype=np.float32)
     b = rng.standard_normal(n, dtype=np.float32) * 3
     cell = BiasedProduct(w, b, amx_linear_op(), amx_matmul_op())
     cell.set_inputs(Tensor(shape=[None, k], dtype=ms.float32))
-    for m in (1, 15, 16, 31, 33, 100):
+    for m in (1, 15, 16, 31, 33, 100, 300):
         x = rng.standard_normal((m, k), dtype=np.float32)
         fused, separate = (t.asnumpy() for t in cell(Tensor(x)))
         assert fused.shape == (m, n)
