@@ -1,10 +1,13 @@
 // The softmax-attention core the vision tower's kernel (vision_attention.cc) and the decoder's prefill
 // kernel (prefill_attention.cc) share: one (sequence, head) at a time, its keys packed transposed
-// (d, Sp) and its values (S, dp) once, then blocks of kRows query rows get their scores, softmax and
-// output with the sums in registers. Arithmetic is float32 as in the portable path
-// (cogvlm2_layers.attention): q is multiplied by the scale first, scores are d-term dot products (plus
-// the bias, where the caller has one), softmax is exp(s - max) / sum with a vectorised exp (Cephes'
-// expf polynomial, within 2 ulp: cpu_common.h), then the S-term sums of p * v.
+// (d, Sp) and its values (S, dp) once, then groups of up to kGroup blocks of kRows query rows get their
+// scores, softmax and output. Each block's sums stay in registers; the group goes through the keys and
+// values panel by panel (16 KiB at d = 64), so a panel is read from L1 by every block of the group, not
+// from L2 by each (1.19x on the bench tower's attention, ctypes, the same bits).
+// Arithmetic is float32 as in the portable path (cogvlm2_layers.attention): q is multiplied by the scale
+// first, scores are d-term dot products (plus the bias, where the caller has one), softmax is
+// exp(s - max) / sum with a vectorised exp (Cephes' expf polynomial, within 2 ulp: cpu_common.h), then
+// the S-term sums of p * v, each taken in position order.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -19,7 +22,10 @@ namespace attention {
 
 constexpr int kRows = 4;         // query rows per block (their sums stay in registers)
 constexpr int kBlock = 4;        // vectors of keys (scores) or of output columns per pass
+constexpr int kGroup = 16;       // blocks per group: each panel of keys or values is read by all of them
+constexpr int kGroupRows = kGroup * kRows;
 constexpr int64_t kPad = kBlock * kLanes;   // head columns are padded to whole passes
+constexpr int64_t kPanel = 64;   // positions of values per panel
 
 using cogvlm2::round_up;
 
@@ -27,17 +33,19 @@ using cogvlm2::round_up;
 struct Scratch {
   std::vector<float> keys;     // (d, Sp): k transposed, zero beyond S
   std::vector<float> values;   // (S, dp): v, zero beyond d
-  std::vector<float> scores;   // (kRows, Sp)
-  std::vector<float> queries;  // (kRows, d): q * scale, zero rows beyond the block's
+  std::vector<float> scores;   // (kGroupRows, Sp)
+  std::vector<float> queries;  // (kGroupRows, d): q * scale, zero rows beyond the group's
+  std::vector<float> sums;     // (kGroupRows, dp): the output sums between panels of values
 
   // keys and values of S positions whose rows sit `stride` floats apart (head_dim d each); sizes the
-  // score and query rows
+  // score, query and sum rows
   void pack(const float *k, const float *v, int64_t stride, int64_t S, int64_t d) {
     const int64_t Sp = round_up(S, kLanes), dp = round_up(d, kPad);
     keys.assign(d * Sp, 0.f);
     values.assign(S * dp, 0.f);
-    scores.resize(kRows * Sp);
-    queries.resize(kRows * d);
+    scores.resize(kGroupRows * Sp);
+    queries.resize(kGroupRows * d);
+    sums.resize(kGroupRows * dp);
     for (int64_t j = 0; j < S; ++j) std::memcpy(&values[j * dp], v + j * stride, sizeof(float) * d);
     // keys transposed in 16 x 16 tiles, so each tile's writes fill whole cache lines
     for (int64_t j0 = 0; j0 < S; j0 += 16)
@@ -48,95 +56,132 @@ struct Scratch {
         }
   }
 
-  // the block's `rows` query rows (q[r]: d floats each) times scale; the rest of the kRows zero
+  // the group's `rows` query rows (q[r]: d floats each) times scale; zeros up to whole blocks
   void load_queries(const float *const *q, int rows, int64_t d, float scale) {
     for (int r = 0; r < rows; ++r)
       for (int64_t c = 0; c < d; ++c) queries[r * d + c] = q[r][c] * scale;
-    std::fill(queries.begin() + rows * d, queries.end(), 0.f);
+    std::fill(queries.begin() + rows * d, queries.begin() + round_up(rows, kRows) * d, 0.f);
   }
 };
 
-// scores[r][j0 .. j0 + NB * kLanes) = q_r . keys for the kRows query rows (the sums stay in registers);
-// keys and scores rows are Sp floats long
+// scores[r][j0 .. j0 + NB * kLanes) = q_r . keys for a block's kRows query rows q (the sums stay in
+// registers); keys and scores rows are Sp floats long
 template <int NB>
-void score_block(const Scratch &w, float *scores, int64_t d, int64_t Sp, int64_t j0) {
+void score_block(const float *keys, const float *q, float *scores, int64_t d, int64_t Sp, int64_t j0) {
   vec acc[kRows][NB] = {};
   for (int64_t c = 0; c < d; ++c) {
     vec k[NB];
-    for (int b = 0; b < NB; ++b) k[b] = *reinterpret_cast<const vec *>(&w.keys[c * Sp + j0 + b * kLanes]);
+    for (int b = 0; b < NB; ++b) k[b] = *reinterpret_cast<const vec *>(&keys[c * Sp + j0 + b * kLanes]);
     for (int r = 0; r < kRows; ++r) {
-      const float q = w.queries[r * d + c];
-      for (int b = 0; b < NB; ++b) acc[r][b] += q * k[b];
+      const float qr = q[r * d + c];
+      for (int b = 0; b < NB; ++b) acc[r][b] += qr * k[b];
     }
   }
   for (int r = 0; r < kRows; ++r)
     for (int b = 0; b < NB; ++b) *reinterpret_cast<vec *>(scores + r * Sp + j0 + b * kLanes) = acc[r][b];
 }
 
-// scores[r][0..end) = q_r . keys for the kRows query rows (end <= Sp, a multiple of kLanes): blocks of
-// kBlock vectors, then the 1-3 left
-inline void score_rows(const Scratch &w, float *scores, int64_t d, int64_t Sp, int64_t end) {
-  int64_t j0 = 0;
-  for (; j0 + kPad <= end; j0 += kPad) score_block<kBlock>(w, scores, d, Sp, j0);
-  switch ((end - j0) / kLanes) {
-    case 3: score_block<3>(w, scores, d, Sp, j0); break;
-    case 2: score_block<2>(w, scores, d, Sp, j0); break;
-    case 1: score_block<1>(w, scores, d, Sp, j0); break;
-    default: break;
-  }
-}
-
-// scores[0..L) -> softmax in place (exp(s - max) / sum); the padding up to Lp becomes 0
-inline void softmax_row(float *s, int64_t L, int64_t Lp) {
-  const int64_t whole = L / kLanes * kLanes;              // vectors entirely inside [0, L)
-  for (int64_t j = L; j < Lp; ++j) s[j] = -INFINITY;
-  vec tops = splat(-INFINITY);
-  for (int64_t j = 0; j < whole + (whole < L ? kLanes : 0); j += kLanes) {
-    const vec x = *reinterpret_cast<const vec *>(s + j);
-    tops = x > tops ? x : tops;
-  }
-  float top = tops[0];
-  for (int l = 1; l < kLanes; ++l) top = std::max(top, tops[l]);
-  vec sums{};
-  for (int64_t j = 0; j < whole; j += kLanes) {
-    const vec e = exp_nonpositive(*reinterpret_cast<vec *>(s + j) - top);
-    *reinterpret_cast<vec *>(s + j) = e;
-    sums += e;
-  }
-  if (whole < L) {                                          // the vector across L: its padding lanes are 0
-    vec e = exp_nonpositive(*reinterpret_cast<vec *>(s + whole) - top);
-    for (int l = static_cast<int>(L - whole); l < kLanes; ++l) e[l] = 0.f;
-    *reinterpret_cast<vec *>(s + whole) = e;
-    sums += e;
-  }
-  for (int64_t j = whole + (whole < L ? kLanes : 0); j < Lp; ++j) s[j] = 0.f;
-  float sum = 0.f;
-  for (int l = 0; l < kLanes; ++l) sum += sums[l];
-  const float inverse = 1.f / sum;                         // as ATen's softmax: one division per row
-  for (int64_t j = 0; j < Lp; j += kLanes) *reinterpret_cast<vec *>(s + j) *= inverse;
-}
-
-// out[r][0..d) = p_r . values over positions 0..L for the first `rows` of the kRows rows of
-// probabilities (rows Sp floats long)
-inline void weigh_values(const Scratch &w, const float *probs, float *const *out, int rows, int64_t L,
-                         int64_t Sp, int64_t d) {
-  const int64_t dp = round_up(d, kPad);
-  for (int64_t c0 = 0; c0 < dp; c0 += kPad) {
-    vec acc[kRows][kBlock] = {};
-    for (int64_t j = 0; j < L; ++j) {
-      vec v[kBlock];
-      for (int b = 0; b < kBlock; ++b) v[b] = *reinterpret_cast<const vec *>(&w.values[j * dp + c0 + b * kLanes]);
-      for (int r = 0; r < kRows; ++r) {
-        const float p = probs[r * Sp + j];
-        for (int b = 0; b < kBlock; ++b) acc[r][b] += p * v[b];
+// The scores of a group's `blocks` blocks, block b's rows against keys 0..ends[b] (whole vectors,
+// <= Sp): panel by panel of kPad keys, each panel (d x kPad, in L1) used by every block before the next.
+inline void score_group(Scratch &w, int blocks, const int64_t *ends, int64_t d, int64_t Sp) {
+  const int64_t last = *std::max_element(ends, ends + blocks);
+  for (int64_t j0 = 0; j0 < last; j0 += kPad)
+    for (int b = 0; b < blocks; ++b) {
+      const float *q = &w.queries[b * kRows * d];
+      float *scores = &w.scores[b * kRows * Sp];
+      switch (std::min<int64_t>(kBlock, std::max<int64_t>(0, ends[b] - j0) / kLanes)) {
+        case 4: score_block<4>(w.keys.data(), q, scores, d, Sp, j0); break;
+        case 3: score_block<3>(w.keys.data(), q, scores, d, Sp, j0); break;
+        case 2: score_block<2>(w.keys.data(), q, scores, d, Sp, j0); break;
+        case 1: score_block<1>(w.keys.data(), q, scores, d, Sp, j0); break;
+        default: break;
       }
     }
-    for (int r = 0; r < rows; ++r)
-      for (int b = 0; b < kBlock; ++b) {
-        const int64_t c = c0 + b * kLanes;
-        if (c < d) std::memcpy(out[r] + c, &acc[r][b], sizeof(float) * std::min<int64_t>(kLanes, d - c));
-      }
+}
+
+// s[r][0..L) -> softmax in place (exp(s - max) / sum) for the `rows` rows (<= kRows) of a block, rows
+// `stride` floats apart; the padding up to Lp becomes 0. The rows go through each pass together, so
+// their reductions' latencies overlap; each row's sums are taken in the same order as one row alone.
+inline void softmax_rows(float *s, int64_t stride, int rows, int64_t L, int64_t Lp) {
+  const int64_t whole = L / kLanes * kLanes;              // vectors entirely inside [0, L)
+  const int64_t covered = whole + (whole < L ? kLanes : 0);
+  float top[kRows], inverse[kRows];
+  vec sums[kRows];
+  for (int r = 0; r < rows; ++r) {
+    float *row = s + r * stride;
+    for (int64_t j = L; j < Lp; ++j) row[j] = -INFINITY;
   }
+  for (int r = 0; r < rows; ++r) {
+    const float *row = s + r * stride;
+    vec tops = splat(-INFINITY);
+    for (int64_t j = 0; j < covered; j += kLanes) {
+      const vec x = *reinterpret_cast<const vec *>(row + j);
+      tops = x > tops ? x : tops;
+    }
+    float t = tops[0];
+    for (int l = 1; l < kLanes; ++l) t = std::max(t, tops[l]);
+    top[r] = t;
+    sums[r] = vec{};
+  }
+  for (int64_t j = 0; j < whole; j += kLanes)
+    for (int r = 0; r < rows; ++r) {
+      vec *at = reinterpret_cast<vec *>(s + r * stride + j);
+      const vec e = exp_nonpositive(*at - top[r]);
+      *at = e;
+      sums[r] += e;
+    }
+  for (int r = 0; r < rows; ++r) {
+    float *row = s + r * stride;
+    if (whole < L) {                                        // the vector across L: its padding lanes are 0
+      vec e = exp_nonpositive(*reinterpret_cast<vec *>(row + whole) - top[r]);
+      for (int l = static_cast<int>(L - whole); l < kLanes; ++l) e[l] = 0.f;
+      *reinterpret_cast<vec *>(row + whole) = e;
+      sums[r] += e;
+    }
+    for (int64_t j = covered; j < Lp; ++j) row[j] = 0.f;
+  }
+  float sum[kRows] = {};
+  for (int l = 0; l < kLanes; ++l)
+    for (int r = 0; r < rows; ++r) sum[r] += sums[r][l];
+  for (int r = 0; r < rows; ++r) inverse[r] = 1.f / sum[r];    // as ATen's softmax: one division per row
+  for (int r = 0; r < rows; ++r) {
+    const vec scale = splat(inverse[r]);
+    for (int64_t j = 0; j < Lp; j += kLanes) *reinterpret_cast<vec *>(s + r * stride + j) *= scale;
+  }
+}
+
+// out[i][0..d) = p_i . values over positions 0..ends[b] for row i of block b, the first rows[b] of each
+// of the group's `blocks` blocks (probability rows Sp floats long): panel by panel of kPanel positions,
+// each panel (kPanel x kPad values, in L1) used by every block, the sums kept in w.sums between panels
+// (the same sums in the same order as in one pass).
+inline void weigh_group(Scratch &w, int blocks, const int *rows, const int64_t *ends, float *const *out,
+                        int64_t Sp, int64_t d) {
+  const int64_t dp = round_up(d, kPad), last = *std::max_element(ends, ends + blocks);
+  for (int64_t c0 = 0; c0 < dp; c0 += kPad)
+    for (int64_t j0 = 0; j0 == 0 || j0 < last; j0 += kPanel)
+      for (int b = 0; b < blocks; ++b) {
+        const int64_t j1 = std::min(ends[b], j0 + kPanel);
+        if (j0 > 0 && j1 <= j0) continue;
+        const float *probs = &w.scores[b * kRows * Sp];
+        float *sums = &w.sums[b * kRows * dp + c0];
+        vec acc[kRows][kBlock] = {};
+        if (j0 > 0)
+          for (int r = 0; r < kRows; ++r)
+            for (int v = 0; v < kBlock; ++v) acc[r][v] = *reinterpret_cast<const vec *>(sums + r * dp + v * kLanes);
+        for (int64_t j = j0; j < j1; ++j) {
+          vec v[kBlock];
+          for (int i = 0; i < kBlock; ++i) v[i] = *reinterpret_cast<const vec *>(&w.values[j * dp + c0 + i * kLanes]);
+          for (int r = 0; r < kRows; ++r) {
+            const float p = probs[r * Sp + j];
+            for (int i = 0; i < kBlock; ++i) acc[r][i] += p * v[i];
+          }
+        }
+        for (int r = 0; r < kRows; ++r)
+          for (int v = 0; v < kBlock; ++v) *reinterpret_cast<vec *>(sums + r * dp + v * kLanes) = acc[r][v];
+      }
+  for (int b = 0; b < blocks; ++b)
+    for (int r = 0; r < rows[b]; ++r)
+      std::memcpy(out[b * kRows + r], &w.sums[(b * kRows + r) * dp], sizeof(float) * d);
 }
 
 }  // namespace attention

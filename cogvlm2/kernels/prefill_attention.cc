@@ -43,35 +43,44 @@ int64_t visible_end(const float *bias, int64_t S) {
 
 // One (sequence, kv head)'s share of rows: its g query heads' rows taken position by position, row
 // r = i * g + j being query head kv * g + j at position i, so the 4 rows of a block share keys and
-// mostly a position (a decode token's block is its g heads). Blocks part, part + parts, ... of them.
+// mostly a position (a decode token's block is its g heads). Blocks part, part + parts, ... of them, in
+// groups of up to kGroup; each block stops at the last key any of its rows sees.
 // q (Hq, L, d), bias (L, S) and out (L, C) of the sequence (C = Hq * d), k and v (S, d) of the kv head.
 void kv_head_rows(const float *q, const float *k, const float *v, const float *bias, float *out, int64_t kv,
                   int64_t group, int64_t part, int64_t parts, int64_t L, int64_t S, int64_t d, int64_t C, float scale,
                   Scratch &w) {
   const int64_t Sp = round_up(S, cogvlm2::kLanes), total = group * L;
   w.pack(k, v, d, S, d);
-  for (int64_t r0 = part * kRows; r0 < total; r0 += parts * kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, total - r0));
-    const float *queries[kRows], *biases[kRows];
-    float *outputs[kRows];
-    int64_t end = 0, last = -1;                             // keys 0..end: what any of the rows sees
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = (r0 + r) / group, head = kv * group + (r0 + r) % group;
-      queries[r] = q + (head * L + i) * d;
-      biases[r] = bias + i * S;
-      outputs[r] = out + i * C + head * d;
-      if (i != last) end = std::max(end, visible_end(biases[r], S));   // once per position
-      last = i;
+  for (int64_t g0 = part * kRows; g0 < total; g0 += kGroup * parts * kRows) {
+    const float *queries[kGroupRows], *biases[kGroupRows];
+    float *outputs[kGroupRows];
+    int block_rows[kGroup];
+    int64_t ends[kGroup], padded_ends[kGroup];
+    int blocks = 0, rows = 0;                               // only the last block may be short
+    for (int64_t r0 = g0; r0 < total && blocks < kGroup; r0 += parts * kRows, ++blocks) {
+      block_rows[blocks] = static_cast<int>(std::min<int64_t>(kRows, total - r0));
+      int64_t end = 0, last = -1;                           // keys 0..end: what any of the block's rows sees
+      for (int r = 0; r < block_rows[blocks]; ++r, ++rows) {
+        const int64_t i = (r0 + r) / group, head = kv * group + (r0 + r) % group;
+        queries[rows] = q + (head * L + i) * d;
+        biases[rows] = bias + i * S;
+        outputs[rows] = out + i * C + head * d;
+        if (i != last) end = std::max(end, visible_end(biases[rows], S));   // once per position
+        last = i;
+      }
+      ends[blocks] = end;
+      padded_ends[blocks] = round_up(end, cogvlm2::kLanes);
     }
-    const int64_t end_padded = round_up(end, cogvlm2::kLanes);
     w.load_queries(queries, rows, d, scale);
-    score_rows(w, w.scores.data(), d, Sp, end_padded);
-    for (int r = 0; r < rows; ++r) {
-      float *s = &w.scores[r * Sp];
-      for (int64_t j = 0; j < end; ++j) s[j] += biases[r][j];
-      softmax_row(s, end, end_padded);
+    score_group(w, blocks, padded_ends, d, Sp);
+    for (int b = 0; b < blocks; ++b) {
+      for (int r = 0; r < block_rows[b]; ++r) {
+        float *s = &w.scores[(b * kRows + r) * Sp];
+        for (int64_t j = 0; j < ends[b]; ++j) s[j] += biases[b * kRows + r][j];
+      }
+      softmax_rows(&w.scores[b * kRows * Sp], Sp, block_rows[b], ends[b], padded_ends[b]);
     }
-    weigh_values(w, w.scores.data(), outputs, rows, end, Sp, d);
+    weigh_group(w, blocks, block_rows, ends, outputs, Sp, d);
   }
 }
 

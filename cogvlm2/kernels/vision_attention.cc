@@ -8,8 +8,8 @@
 // Why: the portable path (cogvlm2_layers.attention) splits q, k and v, transposes each to
 // (T, heads, L, d), runs two BatchMatMuls and a softmax, and transposes back: 18 ms of a 6-frame
 // encode of the bench tower in the profiler. Here each (frame, head) is one task: its keys are packed
-// transposed (d, L) and its values (L, d) once, then blocks of 4 query rows get their scores, softmax
-// and output with the sums in registers (attention_core.h, shared with the decoder's prefill kernel).
+// transposed (d, L) and its values (L, d) once, then groups of 16 blocks of 4 query rows get their
+// scores, softmax and output (attention_core.h, shared with the decoder's prefill kernel).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,18 +26,26 @@ using namespace cogvlm2::attention;
 void frame_head(const float *qkv, float *out, int64_t L, int64_t C, int64_t d, int64_t h, float scale, Scratch &w) {
   const int64_t Lp = round_up(L, cogvlm2::kLanes), width = 3 * C;
   w.pack(qkv + C + h * d, qkv + 2 * C + h * d, width, L, d);
-  for (int64_t i0 = 0; i0 < L; i0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
-    const float *queries[kRows];
-    float *outputs[kRows];
+  for (int64_t i0 = 0; i0 < L; i0 += kGroupRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kGroupRows, L - i0));
+    const int blocks = (rows + kRows - 1) / kRows;
+    const float *queries[kGroupRows];
+    float *outputs[kGroupRows];
+    int block_rows[kGroup];
+    int64_t ends[kGroup], padded_ends[kGroup];
     for (int r = 0; r < rows; ++r) {
       queries[r] = qkv + (i0 + r) * width + h * d;
       outputs[r] = out + (i0 + r) * C + h * d;
     }
+    for (int b = 0; b < blocks; ++b) {
+      block_rows[b] = std::min(kRows, rows - b * kRows);
+      ends[b] = L;
+      padded_ends[b] = Lp;
+    }
     w.load_queries(queries, rows, d, scale);
-    score_rows(w, w.scores.data(), d, Lp, Lp);
-    for (int r = 0; r < rows; ++r) softmax_row(&w.scores[r * Lp], L, Lp);
-    weigh_values(w, w.scores.data(), outputs, rows, L, Lp, d);
+    score_group(w, blocks, padded_ends, d, Lp);
+    for (int b = 0; b < blocks; ++b) softmax_rows(&w.scores[b * kRows * Lp], Lp, block_rows[b], L, Lp);
+    weigh_group(w, blocks, block_rows, ends, outputs, Lp, d);
   }
 }
 
