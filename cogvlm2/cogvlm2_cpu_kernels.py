@@ -29,7 +29,11 @@
   the AMX bf16 tile unit at float32 accuracy: each float32 is split into three bfloat16 parts and the
   six significant part products are summed in float32 (``kernels/amx_matmul.cc``); fewer than 16 rows
   go to the rows kernel. Differentiable (its gradient is two MindSpore MatMuls). ``amx_linear_op()``: the
-  same with a Linear's bias added as the sums are stored (the vision tower's biased Linears).
+  same with a Linear's bias added as the sums are stored (the vision tower's biased Linears);
+  ``amx_linear_gelu_op()``: then GELU (the tower's fc1 and its GELU); ``amx_linear_norm_add_op()``: then a
+  residual plus the LayerNorm (the end of each branch of a tower layer). Their GELU and LayerNorm are
+  ``gelu_op``'s and ``layer_norm_op``'s, run on the vector units under the next block's tile products, so
+  each fused kernel gives the bits of the kernels it replaces; differentiable (MindSpore ops).
 - ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` /
   ``resolve_decoder_kernels`` / ``resolve_gemm``: a config value -> what runs ("auto": the kernels on a
   float32 CPU model when they build, the portable ops elsewhere; for ``gemm`` also only on a CPU with
@@ -59,7 +63,8 @@ __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES"
            "GEMM_CHOICES", "DECODER_KERNELS_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
            "resolve_vision_kernels", "resolve_decoder_kernels", "resolve_gemm", "rows_matmul_op",
            "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
-           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op", "amx_available", "build_library"]
+           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op", "amx_linear_gelu_op", "amx_linear_norm_add_op", "amx_available",
+           "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
@@ -72,7 +77,8 @@ SOURCES = tuple(os.path.join(KERNELS, name)
                 for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
                              "vision_attention.cc", "prefill_attention.cc", "rms_norm.cc", "silu_mul.cc",
                              "amx_matmul.cc"))
-HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h"))
+HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h", "gelu.h",
+                                                               "layer_norm.h"))
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
 # No OpenMP: the kernels run on MindSpore's own kernel threads (cpu_common.h), else on a few worker
 # threads that sleep on a condition variable between calls, so nothing spins beside MindSpore's pool.
@@ -237,6 +243,25 @@ def amx_linear_op():
     return _custom("AmxLinear", [("x", f32), ("w", f32), ("bias", f32)], _linear_bprop)
 
 
+def amx_linear_gelu_op():
+    """``(x (M, K), w (K, N), bias (N,)) -> GELU(x @ w + bias)`` (M, N) float32: ``amx_linear_op`` and
+    ``gelu_op`` in one kernel, the same bits (``kernels/amx_matmul.cc``); differentiable in x, w and bias.
+    Only where ``amx_available()``."""
+    f32 = DataType.F32_Default
+    return _custom("AmxLinearGelu", [("x", f32), ("w", f32), ("bias", f32)], _linear_gelu_bprop)
+
+
+def amx_linear_norm_add_op():
+    """``(x (M, K), w (K, N), bias (N,), norm_weight (N,), norm_bias (N,), eps (1,), residual (M, N)) ->
+    residual + LayerNorm(x @ w + bias)`` (M, N) float32: ``amx_linear_op``, ``layer_norm_op`` and the add
+    in one kernel, the same bits (``kernels/amx_matmul.cc``); differentiable in all but eps. Only where
+    ``amx_available()``."""
+    f32 = DataType.F32_Default
+    return _custom("AmxLinearNormAdd", [("x", f32), ("w", f32), ("bias", f32), ("norm_weight", f32),
+                                        ("norm_bias", f32), ("eps", f32), ("residual", f32)],
+                   _linear_norm_add_bprop)
+
+
 @functools.lru_cache(maxsize=None)
 def amx_available() -> bool:
     """Whether the library has the AMX path and this process may use the tile registers (the CPU has
@@ -280,6 +305,19 @@ def _layer_norm_bprop(x, weight, bias, eps, out, dout):
     dweight = (dout * normed).reshape(-1, size).sum(0)                          # (C,)
     dbias = dout.reshape(-1, size).sum(0)
     return dx, dweight, dbias, ops.zeros_like(eps)
+
+
+def _linear_gelu_bprop(x, w, bias, out, dout):
+    """y = GELU(z), z = x w + b recomputed: the GELU's gradient, then the Linear's."""
+    z = ops.bias_add(ops.matmul(x, w), bias)
+    return _linear_bprop(x, w, bias, z, _gelu_bprop(z, out, dout)[0])
+
+
+def _linear_norm_add_bprop(x, w, bias, norm_weight, norm_bias, eps, residual, out, dout):
+    """y = r + LayerNorm(z), z = x w + b recomputed: the LayerNorm's gradients, then the Linear's; dr = dout."""
+    z = ops.bias_add(ops.matmul(x, w), bias)
+    dz, dweight, dbias, deps = _layer_norm_bprop(z, norm_weight, norm_bias, eps, out, dout)
+    return _linear_bprop(x, w, bias, z, dz) + (dweight, dbias, deps, dout)
 
 
 def _rms_norm_bprop(x, weight, eps, out, dout):

@@ -13,7 +13,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
-from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_linear_op, amx_matmul_op, decode_attention_op, gelu_op,
+from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_linear_gelu_op, amx_linear_norm_add_op, amx_linear_op,
+                                         amx_matmul_op, decode_attention_op, gelu_op,
                                          layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
                                          resolve_kv_cache, resolve_decoder_kernels, resolve_vision_kernels,
                                          rms_norm_op, rows_matmul_op, silu_mul_op, vision_attention_op)
@@ -152,6 +153,101 @@ def test_amx_linear_is_the_product_then_the_bias(k, n):
         assert np.array_equal(fused, separate), (m, np.abs(fused - separate).max())
         exact = x.astype(np.float64) @ w.astype(np.float64) + b
         assert np.all(np.abs(fused - exact) <= tolerance(x, w) + np.finfo(np.float32).eps * np.abs(exact))
+
+
+class EpilogueApart(nn.Cell):
+    """A fused Linear kernel and the kernels it replaces in turn, in one graph with a dynamic row count:
+    ``amx_linear_gelu_op`` against ``gelu_op(amx_linear_op)``, or ``amx_linear_norm_add_op`` against
+    ``residual + layer_norm_op(amx_linear_op)``."""
+
+    def __init__(self, weight, bias, norm=None):
+        super().__init__()
+        self.weight = Parameter(Tensor(weight), name="weight")
+        self.bias = Parameter(Tensor(bias), name="bias")
+        self.linear = amx_linear_op()
+        if norm is None:
+            self.fused, self.apart = amx_linear_gelu_op(), gelu_op()
+        else:
+            self.fused, self.apart = amx_linear_norm_add_op(), layer_norm_op()
+            self.norm_weight = Parameter(Tensor(norm[0]), name="norm_weight")
+            self.norm_bias = Parameter(Tensor(norm[1]), name="norm_bias")
+            self.eps = Tensor(np.array([1e-6], np.float32))
+        self.norm = norm is not None
+
+    def construct(self, x, residual):
+        z = self.linear(x, self.weight, self.bias)
+        if not self.norm:
+            return self.fused(x, self.weight, self.bias), self.apart(z)
+        return (self.fused(x, self.weight, self.bias, self.norm_weight, self.norm_bias, self.eps, residual),
+                residual + self.apart(z, self.norm_weight, self.norm_bias, self.eps))
+
+
+@needs_amx
+@pytest.mark.parametrize("epilogue", ["gelu", "norm_add"])
+@pytest.mark.parametrize("k, n", [(37, 203), (256, 200), (2100, 40), (256, 1024)])
+def test_amx_fused_epilogues_are_the_kernels_in_turn(epilogue, k, n):
+    """AmxLinearGelu and AmxLinearNormAdd give the bits of the Linear, then the GELU / LayerNorm kernel
+    (and MindSpore's Add): the rows kernel below 16 rows (then the epilogue on every row), through the
+    columns (a block's GELU deferred under the next block's products; the LayerNorm after all panels),
+    through the rows (300 x 256 x 200 and x 2100 x 40: a block's GELU, or the row block's LayerNorm,
+    deferred under the next row block's products), one and three chunks of K, partial blocks. And within
+    float32 of float64."""
+    rng = np.random.default_rng(k + n)
+    w = (rng.standard_normal((k, n)) * k ** -0.5).astype(np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    norm = None if epilogue == "gelu" else (rng.standard_normal(n, dtype=np.float32),
+                                            rng.standard_normal(n, dtype=np.float32))
+    cell = EpilogueApart(w, b, norm)
+    cell.set_inputs(Tensor(shape=[None, k], dtype=ms.float32), Tensor(shape=[None, n], dtype=ms.float32))
+    for m in (1, 15, 16, 33, 100, 300):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        residual = rng.standard_normal((m, n), dtype=np.float32)
+        fused, apart = (t.asnumpy() for t in cell(Tensor(x), Tensor(residual)))
+        assert fused.shape == (m, n)
+        assert np.array_equal(fused, apart), (m, np.abs(fused - apart).max())
+        z = x.astype(np.float64) @ w.astype(np.float64) + b
+        if norm is None:
+            exact = 0.5 * z * (1 + erf(z / math.sqrt(2)))
+            assert np.abs(fused - exact).max() <= 1e-5 * max(1.0, np.abs(exact).max())
+        else:
+            centred = z - z.mean(-1, keepdims=True)
+            exact = residual + centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-6) * norm[0] + norm[1]
+            assert np.abs(fused - exact).max() <= 1e-4 * max(1.0, np.abs(exact).max())
+
+
+@needs_amx
+def test_amx_fused_epilogue_gradients_match_mindspore_ops():
+    """The gradients of AmxLinearGelu and AmxLinearNormAdd in every input (but eps) against the same
+    functions in MindSpore's ops."""
+    rng = np.random.default_rng(5)
+    x, w, b, nw, nb, r, weights = (Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in
+                                   [(37, 50), (50, 21), (21,), (21,), (21,), (37, 21), (37, 21)])
+    eps = Tensor(np.array([1e-6], np.float32))
+
+    class Loss(nn.Cell):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def construct(self, *args):
+            return (self.fn(*args[:-1]) * args[-1]).sum()
+
+    def gelu_portable(x, w, b):
+        return ops.gelu(ops.bias_add(ops.matmul(x, w), b), approximate="none")
+
+    def norm_add_portable(x, w, b, nw, nb, eps, r):
+        z = ops.bias_add(ops.matmul(x, w), b)
+        return r + ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-6)(z, nw, nb)[0]
+
+    cases = [(amx_linear_gelu_op(), gelu_portable, (x, w, b), (0, 1, 2)),
+             (amx_linear_norm_add_op(), norm_add_portable, (x, w, b, nw, nb, eps, r), (0, 1, 2, 3, 4, 6))]
+    for fused, portable, args, positions in cases:
+        ours = ms.grad(Loss(fused), grad_position=positions)(*args, weights)
+        theirs = ms.grad(Loss(portable), grad_position=positions)(*args, weights)
+        assert len(ours) == len(positions)
+        for a, c in zip(ours, theirs):
+            a, c = a.asnumpy(), c.asnumpy()
+            assert np.abs(a - c).max() <= 1e-5 * np.abs(c).max(), np.abs(a - c).max()
 
 
 @needs_amx

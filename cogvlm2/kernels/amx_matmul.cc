@@ -4,7 +4,13 @@
 // x (M, K), w (K, N) (Linear's (in, out) layout), y (M, N), all float32 row-major.
 // A MindSpore "aot" Custom CPU kernel: AmxMatMul(nparam=3, params={x, w, y}, ...), and AmxLinear
 // (nparam=4, {x, w, bias (N,), y}) for y = x @ w + bias, the bias added as the last chunk's sums are
-// stored: a biased Linear in one kernel instead of a product and MindSpore's BiasAdd.
+// stored: a biased Linear in one kernel instead of a product and MindSpore's BiasAdd. Two more take the
+// step after a Linear of the vision tower into the same kernel (the epilogue):
+// - AmxLinearGelu (the same params): y = GELU(x @ w + bias), the MLP's fc1 and its GELU (gelu.h);
+// - AmxLinearNormAdd ({x, w, bias, norm_weight (N,), norm_bias (N,), eps (1,), residual (M, N), y}):
+//   y = residual + LayerNorm(x @ w + bias) (layer_norm.h), the end of each branch of an EVA layer.
+// Their row work runs on the vector units while the tile unit multiplies the next block (deferred:
+// `Pending`), and gives the bits of the separate kernels and MindSpore's Add in turn.
 //
 // How: every float32 value v is cut into three bfloat16 parts, hi = bf16(v), mid = bf16(v - hi),
 // lo = bf16(v - hi - mid) (round to nearest; the subtractions are exact), so v = hi + mid + lo to within
@@ -38,6 +44,8 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "gelu.h"
+#include "layer_norm.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -54,6 +62,61 @@ namespace {
 // Fewer rows than this go to the rows kernel: the tile path pads rows to 32, and a product of a few
 // rows is bound by reading w, which the rows kernel does once (prefill's lm_head row, short prompts).
 constexpr int64_t kMinRows = 16;
+
+// What a product's stored sums get after the bias: GELU of each value, or the residual plus the
+// LayerNorm of each (whole) row.
+struct Epilogue {
+  bool gelu = false;
+  const float *residual = nullptr;                     // (M, N): residual + LayerNorm, with these
+  const float *norm_weight = nullptr, *norm_bias = nullptr;
+  double eps = 0;
+  bool any() const { return gelu || residual != nullptr; }
+};
+
+constexpr int64_t kRowWorkPerThread = 1 << 14;   // values of a LayerNorm pass after a product per thread
+
+// Stored rows of y whose epilogue waits: rows [m0 + done, m0 + count) x columns [n0, n0 + width). Its work
+// is done a few rows at a time between the tile products of the next block (`slice`, twice per step of
+// K): the vector units are idle while the tile unit multiplies, so it costs little there, where the
+// same work after each block stalled the tile unit (GELU of fc1's sums at store time: no faster than
+// the product and the GELU kernel in turn).
+struct Pending {
+  const Epilogue *epilogue = nullptr;
+  float *y = nullptr;
+  int64_t N = 0, m0 = 0, n0 = 0, width = 0;
+  int count = 0, done = 0, per_slice = 0;
+
+  // `rows` rows from m0 (of `width` columns from n0) wait, to be done over `slices` slices; what still
+  // waited is done first
+  void start(const Epilogue &e, float *y_, int64_t N_, int64_t m0_, int64_t n0_, int64_t width_, int rows,
+             int64_t slices) {
+    finish();
+    epilogue = &e;
+    y = y_;
+    N = N_;
+    m0 = m0_;
+    n0 = n0_;
+    width = width_;
+    count = rows;
+    done = 0;
+    per_slice = static_cast<int>((rows + slices - 1) / std::max<int64_t>(slices, 1));
+  }
+  // not inlined into block_sums, whose tile loop it would otherwise crowd (1.1x slower for fc1's GELU)
+  __attribute__((noinline)) void run(int rows) {
+    for (; rows > 0 && done < count; --rows, ++done) {
+      float *row = y + (m0 + done) * N + n0;
+      if (epilogue->gelu)
+        cogvlm2::gelu::gelu_span(row, row, width);
+      else
+        cogvlm2::layer_norm::normalize_row(row, epilogue->norm_weight, epilogue->norm_bias, row, width, epilogue->eps,
+                                           epilogue->residual + (m0 + done) * N);
+    }
+  }
+  void slice() {
+    if (done < count) run(per_slice);
+  }
+  void finish() { run(count - done); }
+};
 
 #ifdef COGVLM2_AMX
 
@@ -156,8 +219,9 @@ void convert_panel(const float *w, int64_t K, int64_t N, int64_t k0, int64_t ste
 // product waits for its loads. So each load is issued as soon as its tile's last product is, with two
 // products on the other tiles to run meanwhile.
 // The 32 x 32 sums over `steps` steps of two A strips (a0, a0 + a_strip) and two B strips (b0,
-// b0 + b_strip), from zero, into the C tiles.
-inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t b_strip, int64_t steps) {
+// b0 + b_strip), from zero, into the C tiles; two slices of `pending`'s work per step.
+inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t b_strip, int64_t steps,
+                       Pending &pending) {
   const bf16 *a1 = a0 + a_strip, *b1 = b0 + b_strip;
   constexpr int64_t kMid = kTileSize, kLo = 2 * kTileSize, kNext = kParts * kTileSize;
   _tile_zero(0);
@@ -186,6 +250,7 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
     _tile_dpbf16ps(3, 5, 7);
     _tile_loadd(7, bh1 + kLo, 64);
     // hi x lo
+    pending.slice();
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_loadd(4, ah + kMid, 64);
@@ -195,6 +260,7 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
     _tile_loadd(5, ah1 + kMid, 64);
     _tile_loadd(7, bh1 + kMid, 64);
     // mid x mid
+    pending.slice();
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(2, 5, 6);
     _tile_loadd(6, bh, 64);
@@ -275,8 +341,8 @@ struct Buffer {
 // x's parts once for the whole call; each thread then takes panels of up to 128 columns of w and
 // converts them chunk by chunk of K: w, the larger operand of a wide product (N >= M), is read once.
 // Also the products whose w parts would not stay in L2.
-void columns_through(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K,
-                     int64_t N, int64_t steps) {
+void columns_through(const float *x, const float *w, const float *bias, const Epilogue &epilogue, float *y,
+                     int64_t M, int64_t K, int64_t N, int64_t steps) {
   const int64_t Mp = round_up(M, kBlock), strip = steps * kParts * kTileSize;
   static thread_local Buffer a_buffer;                        // x's parts
   bf16 *a = a_buffer.grown(static_cast<size_t>(Mp / kTile * strip));
@@ -291,28 +357,40 @@ void columns_through(const float *x, const float *w, const float *bias, float *y
     static thread_local TileConfig config;
     _tile_loadconfig(&config);
     bf16 *b = b_buffer.grown(static_cast<size_t>(kPanel / kTile * std::min(steps, kChunk) * kParts * kTileSize));
+    Pending pending;                                          // a block's GELU
     for (int64_t panel = t; panel < panels; panel += n) {
       const int64_t n0 = panel * kPanel, width = std::min(kPanel, round_up(N - n0, kBlock));
       for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
         const int64_t chunk = std::min(kChunk, steps - s0), b_strip = chunk * kParts * kTileSize;
         convert_panel(w, K, N, s0 * kStep, chunk, n0, width, b);
+        const bool last = s0 + chunk == steps;
         for (int64_t m0 = 0; m0 < Mp; m0 += kBlock)
           for (int64_t j = 0; j < width; j += kBlock) {
             block_sums(a + m0 / kTile * strip + s0 * kParts * kTileSize, strip, b + j / kTile * b_strip, b_strip,
-                       chunk);
-            store_sums(y, M, N, m0, n0 + j, s0 == 0, s0 + chunk == steps ? bias : nullptr);
+                       chunk, pending);
+            store_sums(y, M, N, m0, n0 + j, s0 == 0, last ? bias : nullptr);
+            if (last && epilogue.gelu)
+              pending.start(epilogue, y, N, m0, n0 + j, std::min(kBlock, N - n0 - j),
+                            static_cast<int>(std::min(kBlock, M - m0)), 2 * chunk);
           }
       }
     }
+    pending.finish();
     _tile_release();
   });
+  if (epilogue.residual != nullptr)                         // rows are whole only now
+    cogvlm2::parallel((M * N + kRowWorkPerThread - 1) / kRowWorkPerThread, [&](int t, int n) {
+      Pending rows;
+      rows.start(epilogue, y, N, M * t / n, 0, N, static_cast<int>(M * (t + 1) / n - M * t / n), 1);
+      rows.finish();
+    });
 }
 
 // w's parts once for the whole call (they stay in L2); each thread then takes 32-row blocks of x,
 // converts a block chunk by chunk of K and multiplies it by every 32-column block. For the tall
 // products (M > N, the vision tower's): x, the larger operand, is read once instead of once per panel.
-void rows_through(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K,
-                  int64_t N, int64_t steps) {
+void rows_through(const float *x, const float *w, const float *bias, const Epilogue &epilogue, float *y,
+                  int64_t M, int64_t K, int64_t N, int64_t steps) {
   const int64_t Np = round_up(N, kBlock), strip = steps * kParts * kTileSize;
   static thread_local Buffer b_buffer;                        // w's parts
   bf16 *b = b_buffer.grown(static_cast<size_t>(Np / kTile * strip));
@@ -327,17 +405,24 @@ void rows_through(const float *x, const float *w, const float *bias, float *y, i
     static thread_local TileConfig config;
     _tile_loadconfig(&config);
     bf16 *a = a_buffer.grown(static_cast<size_t>(kBlock / kTile * std::min(steps, kChunk) * kParts * kTileSize));
+    Pending pending;                  // a block's GELU, or a row block's residual + LayerNorm
     for (int64_t block = row_blocks * t / n; block < row_blocks * (t + 1) / n; ++block) {
       const int64_t m0 = block * kBlock;
+      const int rows = static_cast<int>(std::min(kBlock, M - m0));
       for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
         const int64_t chunk = std::min(kChunk, steps - s0), a_strip = chunk * kParts * kTileSize;
+        const bool last = s0 + chunk == steps;
         convert_rows(x, M, K, s0 * kStep, chunk, m0, m0 + kBlock, a);
         for (int64_t n0 = 0; n0 < Np; n0 += kBlock) {
-          block_sums(a, a_strip, b + n0 / kTile * strip + s0 * kParts * kTileSize, strip, chunk);
-          store_sums(y, M, N, m0, n0, s0 == 0, s0 + chunk == steps ? bias : nullptr);
+          block_sums(a, a_strip, b + n0 / kTile * strip + s0 * kParts * kTileSize, strip, chunk, pending);
+          store_sums(y, M, N, m0, n0, s0 == 0, last ? bias : nullptr);
+          if (last && epilogue.gelu) pending.start(epilogue, y, N, m0, n0, std::min(kBlock, N - n0), rows, 2 * chunk);
         }
       }
+      // the rows are whole: their LayerNorm runs under the next row block's products
+      if (epilogue.residual != nullptr) pending.start(epilogue, y, N, m0, 0, N, rows, 2 * steps * (Np / kBlock));
     }
+    pending.finish();
     _tile_release();
   });
 }
@@ -355,16 +440,17 @@ int64_t l2_bytes() {
 // blocks, which split unevenly over the threads.
 constexpr int64_t kMinRowsThrough = 8 * kBlock;
 
-void amx_matmul(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N) {
+void amx_matmul(const float *x, const float *w, const float *bias, const Epilogue &epilogue, float *y, int64_t M,
+                int64_t K, int64_t N) {
   const int64_t steps = round_up(K, kStep) / kStep;
   // Tall products whose w parts stay in L2 beside a block of x (the vision tower's, 1542 x 256 x 768 and
   // 1542 x 1024 x 256 at 6 frames) go through their rows: 1.15-1.27x faster (through ctypes); with w's
   // parts beyond L2 (1575 x 1024 x 1024) they are 1.1x slower than through the columns.
   const int64_t w_parts_bytes = round_up(N, kBlock) * steps * kStep * kParts * int64_t{sizeof(bf16)};
   if (N < M && M >= kMinRowsThrough && w_parts_bytes <= l2_bytes() * 3 / 4)
-    rows_through(x, w, bias, y, M, K, N, steps);
+    rows_through(x, w, bias, epilogue, y, M, K, N, steps);
   else
-    columns_through(x, w, bias, y, M, K, N, steps);
+    columns_through(x, w, bias, epilogue, y, M, K, N, steps);
 }
 
 #endif  // COGVLM2_AMX
@@ -382,19 +468,36 @@ extern "C" int AmxMatMulAvailable() {
 
 namespace {
 
-// y = x @ w: params {x, w, y}; y = x @ w + bias: {x, w, bias, y}.
-int amx_product(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+// The kernels of this file and their params (y last):
+// kProduct {x, w, y}: y = x @ w; kLinear {x, w, bias, y}: y = x @ w + bias; kLinearGelu (the same):
+// GELU of it; kLinearNormAdd {x, w, bias, norm_weight, norm_bias, eps (1,), residual (M, N), y}:
+// residual + LayerNorm of it.
+enum Op { kProduct, kLinear, kLinearGelu, kLinearNormAdd };
+constexpr int kParams[] = {3, 4, 4, 8};
+
+int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                 void *extra) {
-  const bool biased = nparam == 4;
-  if ((nparam != 3 && !biased) || ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 1;
+  if (nparam != kParams[op] || ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 1;
   for (int i = 0; i < nparam; ++i)
     if (!cogvlm2::is_float32(dtypes[i])) return 2;
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
   int64_t *out = shapes[nparam - 1];
-  if (shapes[1][0] != K || out[0] != M || out[1] != N || (biased && (ndims[2] != 1 || shapes[2][0] != N))) return 3;
+  const auto vector_of = [&](int i, int64_t size) { return ndims[i] == 1 && shapes[i][0] == size; };
+  if (shapes[1][0] != K || out[0] != M || out[1] != N || (op != kProduct && !vector_of(2, N))) return 3;
+  if (op == kLinearNormAdd && (!vector_of(3, N) || !vector_of(4, N) || !vector_of(5, 1) || ndims[6] != 2 ||
+                               shapes[6][0] != M || shapes[6][1] != N))
+    return 3;
   float *y = static_cast<float *>(params[nparam - 1]);
-  const float *bias = biased ? static_cast<const float *>(params[2]) : nullptr;
-  if (M < kMinRows || K == 0) {            // the rows kernel's product (zeros if K is 0), then the bias
+  const float *bias = op != kProduct ? static_cast<const float *>(params[2]) : nullptr;
+  Epilogue epilogue;
+  epilogue.gelu = op == kLinearGelu;
+  if (op == kLinearNormAdd) {
+    epilogue.norm_weight = static_cast<const float *>(params[3]);
+    epilogue.norm_bias = static_cast<const float *>(params[4]);
+    epilogue.eps = static_cast<const float *>(params[5])[0];
+    epilogue.residual = static_cast<const float *>(params[6]);
+  }
+  if (M < kMinRows || K == 0) {   // the rows kernel's product (zeros if K is 0), then the bias and epilogue
     void *product[3] = {params[0], params[1], y};
     int64_t *product_shapes[3] = {shapes[0], shapes[1], out};
     const char *product_dtypes[3] = {dtypes[0], dtypes[1], dtypes[nparam - 1]};
@@ -404,12 +507,18 @@ int amx_product(int nparam, void **params, int *ndims, int64_t **shapes, const c
     if (bias != nullptr)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    if (epilogue.any()) {
+      Pending rows;
+      rows.start(epilogue, y, N, 0, 0, N, static_cast<int>(M), 1);
+      rows.finish();
+    }
     return 0;
   }
 #ifdef COGVLM2_AMX
   if (!amx_ready()) return 4;
   if (N == 0) return 0;
-  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), bias, y, M, K, N);
+  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), bias, epilogue, y, M, K,
+             N);
   return 0;
 #else
   return 4;
@@ -421,14 +530,27 @@ int amx_product(int nparam, void **params, int *ndims, int64_t **shapes, const c
 // params {x (M, K), w (K, N), y (M, N)}: y = x @ w.
 extern "C" int AmxMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
-  return nparam == 3 ? amx_product(nparam, params, ndims, shapes, dtypes, stream, extra) : 1;
+  return amx_product(kProduct, nparam, params, ndims, shapes, dtypes, stream, extra);
 }
 
 // params {x (M, K), w (K, N), bias (N,), y (M, N)}: y = x @ w + bias, the bias added as each block's
 // sums are stored (a biased Linear in one pass, not a product and a BiasAdd).
 extern "C" int AmxLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
-  return nparam == 4 ? amx_product(nparam, params, ndims, shapes, dtypes, stream, extra) : 1;
+  return amx_product(kLinear, nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+
+// params {x (M, K), w (K, N), bias (N,), y (M, N)}: y = GELU(x @ w + bias).
+extern "C" int AmxLinearGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return amx_product(kLinearGelu, nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+
+// params {x (M, K), w (K, N), bias (N,), norm_weight (N,), norm_bias (N,), eps (1,), residual (M, N),
+// y (M, N)}: y = residual + LayerNorm(x @ w + bias).
+extern "C" int AmxLinearNormAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  return amx_product(kLinearNormAdd, nparam, params, ndims, shapes, dtypes, stream, extra);
 }
 
 // Output shape for MindSpore's graph compiler and its dynamic-shape runtime: (M, N).
@@ -439,5 +561,13 @@ extern "C" std::vector<int64_t> AmxMatMulInferShape(int *ndims, int64_t **shapes
 }
 
 extern "C" std::vector<int64_t> AmxLinearInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return AmxMatMulInferShape(ndims, shapes, extra);
+}
+
+extern "C" std::vector<int64_t> AmxLinearGeluInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return AmxMatMulInferShape(ndims, shapes, extra);
+}
+
+extern "C" std::vector<int64_t> AmxLinearNormAddInferShape(int *ndims, int64_t **shapes, void *extra) {
   return AmxMatMulInferShape(ndims, shapes, extra);
 }

@@ -6,48 +6,15 @@
 //
 // Why: MindSpore 2.7.2's CPU LayerNorm took 1.0 ms per 771x256 activation, 14% of the bench model's
 // vision tower (MindSpore profiler); a row of 256-1792 floats fits in L1, so this is two passes over
-// L1 and one write. Mean and (biased) variance are summed in double, two-pass, and the row is
-// normalised in double and rounded once to float32.
-#include <algorithm>
-#include <cmath>
+// L1 and one write (layer_norm.h: in double, rounded once to float32).
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-#include "cpu_common.h"
+#include "layer_norm.h"
 
 namespace {
 
-using cogvlm2::dvec8;
-
 constexpr int64_t kElementsPerThread = 1 << 14;   // a second thread from 16 Ki elements
-
-double sum8(dvec8 v) {
-  double s = 0;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
-}
-
-void layer_norm_row(const float *x, const float *weight, const float *bias, float *y, int64_t C, double eps) {
-  const int64_t whole = C / 8 * 8;
-  dvec8 acc{};
-  for (int64_t i = 0; i < whole; i += 8) acc += cogvlm2::load8(x + i);
-  double sum = sum8(acc);
-  for (int64_t i = whole; i < C; ++i) sum += x[i];
-  const double mean = sum / static_cast<double>(C);
-  acc = dvec8{};
-  for (int64_t i = 0; i < whole; i += 8) {
-    const dvec8 d = cogvlm2::load8(x + i) - mean;
-    acc += d * d;
-  }
-  double squares = sum8(acc);
-  for (int64_t i = whole; i < C; ++i) squares += (x[i] - mean) * (x[i] - mean);
-  const double rstd = 1.0 / std::sqrt(squares / static_cast<double>(C) + eps);
-  for (int64_t i = 0; i < whole; i += 8)
-    cogvlm2::store8(y + i, (cogvlm2::load8(x + i) - mean) * rstd * cogvlm2::load8(weight + i) +
-                               cogvlm2::load8(bias + i));
-  for (int64_t i = whole; i < C; ++i) y[i] = static_cast<float>((x[i] - mean) * rstd * weight[i] + bias[i]);
-}
 
 }  // namespace
 
@@ -74,7 +41,7 @@ extern "C" int FusedLayerNorm(int nparam, void **params, int *ndims, int64_t **s
   float *y = static_cast<float *>(params[4]);
   cogvlm2::parallel((rows * C + kElementsPerThread - 1) / kElementsPerThread, [&](int t, int threads) {
     for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; ++r)
-      layer_norm_row(x + r * C, weight, bias, y + r * C, C, eps);
+      cogvlm2::layer_norm::normalize_row(x + r * C, weight, bias, y + r * C, C, eps);
   });
   return 0;
 }
