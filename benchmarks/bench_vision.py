@@ -8,9 +8,12 @@ the decoder's parameters stay lazy and take no memory):
 - ``ops``: ``vision_kernels: ops, gemm: onednn``, MindSpore's ops alone;
 - ``fused``: ``vision_kernels: fused, gemm: onednn``, the GELU, LayerNorm, attention and SiLU * up kernels;
 - ``fused+amx``: ``vision_kernels: fused, gemm: amx``, and the AMX product (what ``auto`` runs on a CPU
-  with AMX-BF16; left out where the CPU has none), which adds the biased Linears' bias as it stores;
-- ``amx+BiasAdd``: the same with each biased Linear's product and MindSpore's BiasAdd apart (the
-  ``biased`` kernel taken off before the first call compiles the graph).
+  with AMX-BF16; left out where the CPU has none), which adds the biased Linears' bias as it stores, and
+  does fc1's GELU and each branch's LayerNorm and residual add in the same kernel;
+- ``amx+apart``: the same with that GELU, LayerNorm and add as their own kernels (the ``linear_gelu`` and
+  ``linear_norm_add`` kernels taken off before the first call compiles the graph);
+- ``amx+BiasAdd``: the same again with each biased Linear's product and MindSpore's BiasAdd apart (the
+  ``biased`` kernel taken off too).
 Each round encodes the golden video's frames with every model, in rotating order, so load from other
 jobs hits them alike; it prints the medians, the ratios to ``ops`` and each model's largest difference
 from the ``ops`` embeddings.
@@ -40,18 +43,26 @@ def parse_args():
 VARIANTS = {"ops": {"vision_kernels": "ops", "gemm": "onednn"},
             "fused": {"vision_kernels": "fused", "gemm": "onednn"},
             "fused+amx": {"vision_kernels": "fused", "gemm": "amx"},
+            "amx+apart": {"vision_kernels": "fused", "gemm": "amx"},
             "amx+BiasAdd": {"vision_kernels": "fused", "gemm": "amx"}}
+APART = {"amx+apart": ("epilogues",), "amx+BiasAdd": ("epilogues", "bias")}   # kernels each variant takes off
 
 
-def vision_model(config_path: str, overrides: dict, seed: int, bias_apart: bool = False):
+def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
+    """``apart``: "epilogues" (fc1's GELU, each branch's LayerNorm and add as their own kernels), "bias"
+    (each biased Linear's product and BiasAdd apart)."""
     from mindspore import Tensor
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
     from cogvlm2.cogvlm2_layers import Linear
+    from cogvlm2.cogvlm2_vision import MLP, TransformerLayer
     model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path, **overrides))
-    if bias_apart:
-        for _, cell in model.cells_and_names():
-            if isinstance(cell, Linear):
-                cell.biased = None
+    for _, cell in model.cells_and_names():
+        if "bias" in apart and isinstance(cell, Linear):
+            cell.biased = None
+        if "epilogues" in apart and isinstance(cell, MLP):
+            cell.linear_gelu = None
+        if "epilogues" in apart and isinstance(cell, TransformerLayer):
+            cell.linear_norm_add = None
     rng = np.random.default_rng(seed)
     for name, param in model.parameters_and_names():
         if name.startswith("model.vision."):
@@ -69,7 +80,7 @@ def main():
     processor = CogVLM2Processor(num_frames=args.frames)
     pixels = processor.transform(processor.load_video(args.video)[0])      # (T, 3, 224, 224)
     names = [name for name in VARIANTS if resolve_gemm("auto", "CPU") == "amx" or VARIANTS[name]["gemm"] != "amx"]
-    models = {name: vision_model(args.config, VARIANTS[name], args.seed, name == "amx+BiasAdd") for name in names}
+    models = {name: vision_model(args.config, VARIANTS[name], args.seed, APART.get(name, ())) for name in names}
     outputs = {name: model.encode_video(pixels).asnumpy() for name, model in models.items()}  # compiles
     times = {name: [] for name in models}
     for r in range(max(1, args.rounds)):

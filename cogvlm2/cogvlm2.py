@@ -39,8 +39,8 @@ from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model, DecoderKernels
-from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_linear_op, amx_matmul_op,
-                                         decode_attention_op, gelu_op, layer_norm_op, prefill_attention_op,
+from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_linear_gelu_op, amx_linear_norm_add_op, amx_linear_op,
+                                         amx_matmul_op, decode_attention_op, gelu_op, layer_norm_op, prefill_attention_op,
                                          resolve_decode_matmul, resolve_decoder_kernels, resolve_gemm,
                                          resolve_kv_cache, resolve_vision_kernels, rms_norm_op, rows_matmul_op,
                                          silu_mul_op, vision_attention_op)
@@ -373,12 +373,16 @@ def _decoder_kernels_fused(config) -> bool:
 def _vision_kernels(config, matmul) -> VisionKernels:
     """The GELU, LayerNorm, attention and SiLU * up of the vision tower and adapter, as ``vision_kernels``
     resolves, and ``matmul`` (``_gemm``: the AMX product or None) as their product, with the AMX product
-    that also adds the bias for the biased Linears."""
+    that also adds the bias for the biased Linears; with both, the AMX products that also do the GELU
+    after fc1 and the LayerNorm and residual add after each branch."""
     linear = amx_linear_op() if matmul is not None else None
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
+        amx = matmul is not None
         return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
                              attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul,
-                             silu_mul=silu_mul_op(), linear=linear)
+                             silu_mul=silu_mul_op(), linear=linear,
+                             linear_gelu=amx_linear_gelu_op() if amx else None,
+                             linear_norm_add=amx_linear_norm_add_op() if amx else None)
     return VisionKernels(matmul=matmul, linear=linear)
 
 

@@ -71,6 +71,14 @@ class Linear(nn.Cell):
         shape = x.shape
         return self._matmul(x.reshape(-1, shape[-1]), matmul).reshape(shape[:-1] + (self.out_features,))
 
+    def fused(self, kernel, x, operands=()):
+        """``kernel(x (N, in), weight, bias, *operands) -> (N, out)`` on x's rows, reshaped back to x's leading
+        axes: a kernel that does this Linear and the step after it in one pass (``VisionKernels.linear_gelu``,
+        ``linear_norm_add``); ``operands`` are (N, ...) or per-feature, as the kernel takes them."""
+        shape = x.shape
+        y = kernel(x.reshape(-1, shape[-1]), self.weight, self.bias, *operands)      # (N, out)
+        return y.reshape(shape[:-1] + (self.out_features,))
+
     def _matmul(self, x, matmul):
         if matmul is None and self.biased is not None:
             return self.biased(x, self.weight, self.bias)                # (N, out), bias added in the kernel

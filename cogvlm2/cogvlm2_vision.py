@@ -7,7 +7,8 @@ Parameter names follow the HF checkpoint under ``model.vision.*``:
 ``VisionKernels``: the GELU, LayerNorm, attention, SiLU * up and product every cell of the tower and the
 adapter uses (None: MindSpore's ops; on CPU ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` /
 ``vision_attention_op`` / ``silu_mul_op``, chosen by ``vision_kernels``, and ``amx_matmul_op`` /
-``amx_linear_op``, chosen by ``gemm``).
+``amx_linear_op``, chosen by ``gemm``; with both, ``amx_linear_gelu_op`` / ``amx_linear_norm_add_op``
+take the step after a tower Linear into its kernel, with the same bits).
 """
 from typing import NamedTuple
 
@@ -28,6 +29,8 @@ class VisionKernels(NamedTuple):
     matmul: object = None        # (x (N, in), W (in, out)) -> (N, out), every Linear's product
     linear: object = None        # (x, W, b (out,)) -> x W + b, the product and bias of every biased Linear
     silu_mul: object = None      # (gate, up) -> silu(gate) * up, the adapter's SwiGLU
+    linear_gelu: object = None   # (x, W, b) -> GELU(x W + b): the MLP's fc1 and GELU
+    linear_norm_add: object = None   # (x, W, b, norm weight, norm bias, eps (1,), r) -> r + LN(x W + b)
 
 
 class Conv2d(nn.Cell):
@@ -81,16 +84,18 @@ class Attention(nn.Cell):
         t, length, _ = x.shape
         return x.reshape(t, length, self.num_heads, self.head_dim).swapaxes(1, 2)  # (T, heads, 257, d)
 
-    def construct(self, x):
+    def mix(self, x):
+        """The heads' outputs before ``dense``: (T, 257, C) -> (T, 257, C)."""
         t, length, _ = x.shape
         qkv = self.query_key_value(x)                                               # (T, 257, 3C)
         if self.kernel is None:
             q, k, v = ops.split(qkv, self.num_heads * self.head_dim, -1)            # 3 x (T, 257, C)
             out = attention(self._heads(q), self._heads(k), self._heads(v), None, self.scale)
-            out = out.swapaxes(1, 2).reshape(t, length, -1)
-        else:
-            out = self.kernel(qkv, self.heads)                                      # (T, 257, C)
-        return self.dense(out)
+            return out.swapaxes(1, 2).reshape(t, length, -1)
+        return self.kernel(qkv, self.heads)                                         # (T, 257, C)
+
+    def construct(self, x):
+        return self.dense(self.mix(x))
 
 
 class MLP(nn.Cell):
@@ -101,13 +106,21 @@ class MLP(nn.Cell):
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, True, dtype, kernels.matmul, kernels.linear)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, True, dtype, kernels.matmul, kernels.linear)
         self.gelu_kernel = kernels.gelu
+        self.linear_gelu = kernels.linear_gelu
+
+    def hidden(self, x):
+        """GELU(fc1(x)), fc2's input: (..., C) -> (..., I)."""
+        if self.linear_gelu is not None:
+            return self.fc1.fused(self.linear_gelu, x)
+        return gelu(self.fc1(x), self.gelu_kernel)
 
     def construct(self, x):
-        return self.fc2(gelu(self.fc1(x), self.gelu_kernel))
+        return self.fc2(self.hidden(x))
 
 
 class TransformerLayer(nn.Cell):
-    """EVA2 layer, post-norm inside the residual: h = x + LN(attn(x)); out = h + LN(mlp(h))."""
+    """EVA2 layer, post-norm inside the residual: h = x + LN(attn(x)); out = h + LN(mlp(h)). With
+    ``kernels.linear_norm_add`` each branch's last Linear, its LayerNorm and the residual add are one kernel."""
 
     def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
@@ -116,10 +129,20 @@ class TransformerLayer(nn.Cell):
         self.mlp = MLP(config, dtype, kernels)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype,
                                                   kernels.layer_norm)
+        self.linear_norm_add = kernels.linear_norm_add
 
     def construct(self, x):
-        h = x + self.input_layernorm(self.attention(x))
-        return h + self.post_attention_layernorm(self.mlp(h))
+        if self.linear_norm_add is None:
+            h = x + self.input_layernorm(self.attention(x))
+            return h + self.post_attention_layernorm(self.mlp(h))
+        h = self._close(self.attention.dense, self.attention.mix(x), self.input_layernorm, x)
+        return self._close(self.mlp.fc2, self.mlp.hidden(h), self.post_attention_layernorm, h)
+
+    def _close(self, linear, x, norm, residual):
+        """residual + norm(linear(x)) in one kernel: (T, L, in) -> (T, L, C)."""
+        c = residual.shape[-1]
+        return linear.fused(self.linear_norm_add, x,
+                            (norm.weight, norm.bias, norm.epsilon, residual.reshape(-1, c)))
 
 
 class Transformer(nn.Cell):
