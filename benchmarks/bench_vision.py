@@ -9,9 +9,11 @@ the decoder's parameters stay lazy and take no memory):
 - ``fused``: ``vision_kernels: fused, gemm: onednn``, the GELU, LayerNorm, attention and SiLU * up kernels;
 - ``fused+amx``: ``vision_kernels: fused, gemm: amx``, and the AMX product (what ``auto`` runs on a CPU
   with AMX-BF16; left out where the CPU has none), which adds the biased Linears' bias as it stores, and
-  does fc1's GELU and each branch's LayerNorm and residual add in the same kernel;
-- ``amx+apart``: the same with that GELU, LayerNorm and add as their own kernels (the ``linear_gelu`` and
-  ``linear_norm_add`` kernels taken off before the first call compiles the graph);
+  does fc1's GELU and each branch's LayerNorm and residual add in the same kernel, and runs the two
+  convolutions as products of their patches;
+- ``amx+apart``: the same with that GELU, LayerNorm and add as their own kernels and the convolutions as
+  MindSpore's Conv2D (the ``linear_gelu``, ``linear_norm_add``, patch and convolution ``linear`` kernels
+  taken off before the first call compiles the graph);
 - ``amx+BiasAdd``: the same again with each biased Linear's product and MindSpore's BiasAdd apart (the
   ``biased`` kernel taken off too).
 Each round encodes the golden video's frames with every model, in rotating order, so load from other
@@ -45,16 +47,16 @@ VARIANTS = {"ops": {"vision_kernels": "ops", "gemm": "onednn"},
             "fused+amx": {"vision_kernels": "fused", "gemm": "amx"},
             "amx+apart": {"vision_kernels": "fused", "gemm": "amx"},
             "amx+BiasAdd": {"vision_kernels": "fused", "gemm": "amx"}}
-APART = {"amx+apart": ("epilogues",), "amx+BiasAdd": ("epilogues", "bias")}   # kernels each variant takes off
+APART = {"amx+apart": ("epilogues", "conv"), "amx+BiasAdd": ("epilogues", "conv", "bias")}   # what each takes off
 
 
 def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
-    """``apart``: "epilogues" (fc1's GELU, each branch's LayerNorm and add as their own kernels), "bias"
-    (each biased Linear's product and BiasAdd apart)."""
+    """``apart``: "epilogues" (fc1's GELU, each branch's LayerNorm and add as their own kernels), "conv"
+    (the convolutions as MindSpore's Conv2D), "bias" (each biased Linear's product and BiasAdd apart)."""
     from mindspore import Tensor
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
     from cogvlm2.cogvlm2_layers import Linear
-    from cogvlm2.cogvlm2_vision import MLP, TransformerLayer
+    from cogvlm2.cogvlm2_vision import MLP, Conv2d, PatchEmbedding, TransformerLayer
     model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path, **overrides))
     for _, cell in model.cells_and_names():
         if "bias" in apart and isinstance(cell, Linear):
@@ -63,6 +65,10 @@ def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
             cell.linear_gelu = None
         if "epilogues" in apart and isinstance(cell, TransformerLayer):
             cell.linear_norm_add = None
+        if "conv" in apart and isinstance(cell, PatchEmbedding):
+            cell.patchify = None
+        if "conv" in apart and isinstance(cell, Conv2d):
+            cell.linear = None
     rng = np.random.default_rng(seed)
     for name, param in model.parameters_and_names():
         if name.startswith("model.vision."):

@@ -34,6 +34,8 @@
   residual plus the LayerNorm (the end of each branch of a tower layer). Their GELU and LayerNorm are
   ``gelu_op``'s and ``layer_norm_op``'s, run on the vector units under the next block's tile products, so
   each fused kernel gives the bits of the kernels it replaces; differentiable (MindSpore ops).
+- ``patchify_op()``: frames -> their non-overlapping p x p patches as rows (``kernels/patchify.cc``), so the
+  tower's patch convolution (stride = kernel) runs as one AMX Linear; differentiable.
 - ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` /
   ``resolve_decoder_kernels`` / ``resolve_gemm``: a config value -> what runs ("auto": the kernels on a
   float32 CPU model when they build, the portable ops elsewhere; for ``gemm`` also only on a CPU with
@@ -63,8 +65,8 @@ __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES"
            "GEMM_CHOICES", "DECODER_KERNELS_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
            "resolve_vision_kernels", "resolve_decoder_kernels", "resolve_gemm", "rows_matmul_op",
            "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
-           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op", "amx_linear_gelu_op", "amx_linear_norm_add_op", "amx_available",
-           "build_library"]
+           "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op", "amx_linear_gelu_op",
+           "amx_linear_norm_add_op", "patchify_op", "amx_available", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
@@ -76,7 +78,7 @@ KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCES = tuple(os.path.join(KERNELS, name)
                 for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
                              "vision_attention.cc", "prefill_attention.cc", "rms_norm.cc", "silu_mul.cc",
-                             "amx_matmul.cc"))
+                             "amx_matmul.cc", "patchify.cc"))
 HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h", "gelu.h",
                                                                "layer_norm.h"))
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
@@ -262,6 +264,15 @@ def amx_linear_norm_add_op():
                    _linear_norm_add_bprop)
 
 
+def patchify_op():
+    """``(images (T, C, H, W), size (p,)) -> (T * H/p * W/p, C * p * p)`` float32: each frame's p x p patches as
+    rows in raster order, each row's values in (c, ky, kx) order, a convolution weight's (out, C, p, p)
+    order (``kernels/patchify.cc``). size's length is the patch size (its values are unused: the output
+    shape is inferred from shapes). Differentiable in images."""
+    f32 = DataType.F32_Default
+    return _custom("Patchify", [("images", f32), ("size", f32)], _patchify_bprop)
+
+
 @functools.lru_cache(maxsize=None)
 def amx_available() -> bool:
     """Whether the library has the AMX path and this process may use the tile registers (the CPU has
@@ -318,6 +329,14 @@ def _linear_norm_add_bprop(x, w, bias, norm_weight, norm_bias, eps, residual, ou
     z = ops.bias_add(ops.matmul(x, w), bias)
     dz, dweight, dbias, deps = _layer_norm_bprop(z, norm_weight, norm_bias, eps, out, dout)
     return _linear_bprop(x, w, bias, z, dz) + (dweight, dbias, deps, dout)
+
+
+def _patchify_bprop(images, size, out, dout):
+    """The patches' gradient put back where each value came from."""
+    t, c, h, w = images.shape
+    p = size.shape[0]
+    d_images = dout.reshape(t, h // p, w // p, c, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(t, c, h, w)
+    return d_images, ops.zeros_like(size)
 
 
 def _rms_norm_bprop(x, weight, eps, out, dout):

@@ -8,7 +8,8 @@ Parameter names follow the HF checkpoint under ``model.vision.*``:
 adapter uses (None: MindSpore's ops; on CPU ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` /
 ``vision_attention_op`` / ``silu_mul_op``, chosen by ``vision_kernels``, and ``amx_matmul_op`` /
 ``amx_linear_op``, chosen by ``gemm``; with both, ``amx_linear_gelu_op`` / ``amx_linear_norm_add_op``
-take the step after a tower Linear into its kernel, with the same bits).
+take the step after a tower Linear into its kernel, with the same bits, and ``patchify_op`` turns the
+patch convolution into one product; the adapter's 2 x 2 convolution is one with ``amx_linear_op`` alone).
 """
 from typing import NamedTuple
 
@@ -31,35 +32,57 @@ class VisionKernels(NamedTuple):
     silu_mul: object = None      # (gate, up) -> silu(gate) * up, the adapter's SwiGLU
     linear_gelu: object = None   # (x, W, b) -> GELU(x W + b): the MLP's fc1 and GELU
     linear_norm_add: object = None   # (x, W, b, norm weight, norm bias, eps (1,), r) -> r + LN(x W + b)
+    patches: object = None       # (images (T, C, H, W), size (p,)) -> (T * H/p * W/p, C * p * p)
 
 
 class Conv2d(nn.Cell):
-    """Conv2d with PyTorch names and layout: weight (out, in, k, k), bias (out,), stride = k, no padding."""
+    """Conv2d with PyTorch names and layout: weight (out, in, k, k), bias (out,), stride = k, no padding.
+    Its patches never overlap, so with ``linear`` ((x, W, b) -> x W + b, the AMX Linear kernel) it is also
+    one product of the patches as rows: ``on_patches``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dtype):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dtype, linear=None):
         super().__init__()
         self.weight = Parameter(placeholder((out_channels, in_channels, kernel_size, kernel_size), dtype),
                                 name="weight")
         self.bias = Parameter(placeholder((out_channels,), dtype), name="bias")
         self.stride = kernel_size
+        self.linear = linear
 
     def construct(self, x):
         return ops.bias_add(ops.conv2d(x, self.weight, stride=self.stride, pad_mode="valid"), self.bias)
+
+    def on_patches(self, patches, channels_last: bool = False):
+        """The convolution of patches (N, in*k*k) given as rows, their values in (c, ky, kx) order, or in
+        (ky, kx, c) order if ``channels_last``: -> (N, out) through ``linear``, the weight laid out to match."""
+        out = self.weight.shape[0]
+        if channels_last:
+            weight = self.weight.transpose(2, 3, 1, 0).reshape(-1, out)           # (k*k*in, out)
+        else:
+            weight = self.weight.reshape(out, -1).swapaxes(0, 1)                  # (in*k*k, out)
+        return self.linear(patches, weight, self.bias)
 
 
 class PatchEmbedding(nn.Cell):
     """Frames -> patch tokens with a learned CLS in front and learned positions added."""
 
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, kernels: VisionKernels):
         super().__init__()
-        self.proj = Conv2d(config.in_channels, config.hidden_size, config.patch_size, dtype)
+        self.proj = Conv2d(config.in_channels, config.hidden_size, config.patch_size, dtype, kernels.linear)
         self.cls_embedding = Parameter(placeholder((1, config.hidden_size), dtype), name="cls_embedding")
         self.position_embedding = Embedding(config.num_positions, config.hidden_size, dtype)
+        self.patchify = kernels.patches if kernels.linear is not None else None
+        self.patch_size = Tensor(np.zeros(config.patch_size, np.float32))      # its length is the patch size
 
     def construct(self, images):
-        x = self.proj(images)                                   # (T, C, 16, 16)
-        t, c = x.shape[0], x.shape[1]
-        x = x.reshape(t, c, -1).swapaxes(1, 2)                  # (T, 256, C)
+        t = images.shape[0]
+        if self.patchify is None:
+            x = self.proj(images)                               # (T, C, 16, 16)
+            c = x.shape[1]
+            x = x.reshape(t, c, -1).swapaxes(1, 2)              # (T, 256, C)
+        else:
+            x = self.proj.on_patches(self.patchify(images, self.patch_size))   # (T * 256, C)
+            c = x.shape[-1]
+            x = x.reshape(t, -1, c)                             # (T, 256, C)
         cls = ops.broadcast_to(self.cls_embedding.reshape(1, 1, c), (t, 1, c))
         x = ops.concat((cls, x), 1)                             # (T, 257, C)
         return x + ops.broadcast_to(self.position_embedding.weight.reshape(1, -1, c), x.shape)
@@ -185,10 +208,11 @@ class EVA2CLIPModel(nn.Cell):
         dtype = to_ms_dtype(config.param_init_type)
         self.compute_dtype = to_ms_dtype(config.compute_dtype)
         self.grid_size = vision.grid_size
-        self.patch_embedding = PatchEmbedding(vision, dtype)
+        self.patch_embedding = PatchEmbedding(vision, dtype, kernels)
         self.transformer = Transformer(vision, dtype, kernels)
         self.linear_proj = GLU(config, vision.hidden_size, dtype, kernels)
-        self.conv = Conv2d(vision.hidden_size, vision.hidden_size, config.adapter_conv_size, dtype)
+        self.conv = Conv2d(vision.hidden_size, vision.hidden_size, config.adapter_conv_size, dtype, kernels.linear)
+        self.conv_size = config.adapter_conv_size
         self.boi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="boi")
         self.eoi = Parameter(placeholder((1, 1, config.hidden_size), dtype), name="eoi")
 
@@ -198,9 +222,14 @@ class EVA2CLIPModel(nn.Cell):
         x = self.transformer(x)
         x = x[:, 1:]                                            # drop CLS: (T, 256, Cv)
         t, _, c = x.shape
-        x = x.reshape(t, self.grid_size, self.grid_size, c).transpose(0, 3, 1, 2)  # (T, Cv, 16, 16)
-        x = self.conv(x)                                        # (T, Cv, 8, 8)
-        x = x.reshape(t, c, -1).swapaxes(1, 2)                  # (T, 64, Cv)
+        g, k = self.grid_size, self.conv_size
+        if self.conv.linear is None:
+            x = x.reshape(t, g, g, c).transpose(0, 3, 1, 2)     # (T, Cv, 16, 16)
+            x = self.conv(x)                                    # (T, Cv, 8, 8)
+            x = x.reshape(t, c, -1).swapaxes(1, 2)              # (T, 64, Cv)
+        else:                                                   # its 2 x 2 patches as rows, channels last
+            x = x.reshape(t, g // k, k, g // k, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, k * k * c)
+            x = self.conv.on_patches(x, channels_last=True).reshape(t, (g // k) ** 2, -1)   # (T, 64, Cv)
         x = self.linear_proj(x)                                 # (T, 64, H)
         h = x.shape[-1]
         boi = ops.broadcast_to(self.boi, (t, 1, h))

@@ -14,7 +14,7 @@ from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
 from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_linear_gelu_op, amx_linear_norm_add_op, amx_linear_op,
-                                         amx_matmul_op, decode_attention_op, gelu_op,
+                                         amx_matmul_op, decode_attention_op, gelu_op, patchify_op,
                                          layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
                                          resolve_kv_cache, resolve_decoder_kernels, resolve_vision_kernels,
                                          rms_norm_op, rows_matmul_op, silu_mul_op, vision_attention_op)
@@ -248,6 +248,85 @@ def test_amx_fused_epilogue_gradients_match_mindspore_ops():
         for a, c in zip(ours, theirs):
             a, c = a.asnumpy(), c.asnumpy()
             assert np.abs(a - c).max() <= 1e-5 * np.abs(c).max(), np.abs(a - c).max()
+
+
+class ConvBothWays(nn.Cell):
+    """A stride-k convolution as MindSpore's Conv2D and as one AMX product of its patches, in one graph
+    with a dynamic frame count: the patch embedding's (``patchify_op``, channels first) or the adapter's
+    (channels last, the patches by a reshape and transpose); -> both as (T, positions, out)."""
+
+    def __init__(self, conv, channels_last):
+        super().__init__()
+        self.conv = conv
+        self.channels_last = channels_last
+        self.patchify = patchify_op()
+        self.size = Tensor(np.zeros(conv.stride, np.float32))
+
+    def construct(self, x):
+        t, c, h, w = x.shape
+        k = self.conv.stride
+        reference = self.conv(x)                                                      # (T, out, h/k, w/k)
+        reference = reference.reshape(t, reference.shape[1], -1).swapaxes(1, 2)
+        if self.channels_last:
+            rows = x.transpose(0, 2, 3, 1).reshape(t, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
+            product = self.conv.on_patches(rows.reshape(-1, k * k * c), channels_last=True)
+        else:
+            product = self.conv.on_patches(self.patchify(x, self.size))
+        return reference, product.reshape(t, (h // k) * (w // k), -1)
+
+
+@needs_amx
+@pytest.mark.parametrize("channels, out, size, k, channels_last", [(3, 40, 28, 14, False), (3, 256, 224, 14, False),
+                                                                   (16, 24, 8, 2, True), (5, 7, 12, 3, False)])
+def test_convolution_as_a_product_of_its_patches(channels, out, size, k, channels_last):
+    """Conv2d.on_patches on the patch kernel's rows (the tower's patch embedding) or on channels-last
+    patches (the adapter's 2 x 2 convolution) against MindSpore's Conv2D: within the float32 bound of a
+    C*k*k-term dot product. And the patch kernel's rows are exactly numpy's rearrangement."""
+    from cogvlm2.cogvlm2_vision import Conv2d
+    rng = np.random.default_rng(channels * out + size)
+    conv = Conv2d(channels, out, k, ms.float32, amx_linear_op())
+    conv.weight.set_data(Tensor(rng.standard_normal((out, channels, k, k), dtype=np.float32)))
+    conv.bias.set_data(Tensor(rng.standard_normal(out, dtype=np.float32)))
+    cell = ConvBothWays(conv, channels_last)
+    cell.set_inputs(Tensor(shape=[None, channels, size, size], dtype=ms.float32))
+    for frames in (1, 3):
+        x = rng.standard_normal((frames, channels, size, size), dtype=np.float32)
+        reference, product = (t.asnumpy() for t in cell(Tensor(x)))
+        g = size // k
+        if channels_last:
+            patches = x.transpose(0, 2, 3, 1).reshape(frames, g, k, g, k, channels).transpose(0, 1, 3, 2, 4, 5)
+            weight = conv.weight.asnumpy().transpose(2, 3, 1, 0).reshape(-1, out)
+        else:
+            patches = x.reshape(frames, channels, g, k, g, k).transpose(0, 2, 4, 1, 3, 5)
+            weight = conv.weight.asnumpy().reshape(out, -1).T
+        patches = patches.reshape(frames * g * g, -1)
+        exact = patches.astype(np.float64) @ weight.astype(np.float64) + conv.bias.asnumpy()
+        exact = exact.reshape(frames, g * g, out)
+        bound = tolerance(patches, weight).reshape(frames, g * g, out) + np.finfo(np.float32).eps * np.abs(exact)
+        assert np.all(np.abs(product - exact) <= bound), np.abs(product - exact).max()
+        assert np.all(np.abs(reference - exact) <= 2 * bound)                       # the same function
+    if not channels_last:
+        got = patchify_op()(Tensor(x), Tensor(np.zeros(k, np.float32))).asnumpy()
+        assert np.array_equal(got, patches)
+
+
+def test_patchify_gradient_puts_each_value_back():
+    rng = np.random.default_rng(6)
+    x = Tensor(rng.standard_normal((2, 3, 6, 9)).astype(np.float32))
+    size = Tensor(np.zeros(3, np.float32))
+    weights = rng.standard_normal((2 * 2 * 3, 3 * 3 * 3)).astype(np.float32)
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.patchify = patchify_op()
+
+        def construct(self, x, size, weights):
+            return (self.patchify(x, size) * weights).sum()
+
+    got = ms.grad(Loss())(x, size, Tensor(weights)).asnumpy()
+    expected = weights.reshape(2, 2, 3, 3, 3, 3).transpose(0, 3, 1, 4, 2, 5).reshape(2, 3, 6, 9)
+    assert np.array_equal(got, expected)
 
 
 @needs_amx
