@@ -190,8 +190,9 @@ def test_amx_fused_epilogues_are_the_kernels_in_turn(epilogue, k, n):
     (and MindSpore's Add): the rows kernel below 16 rows (then the epilogue on every row), through the
     columns (a block's GELU deferred under the next block's products; the LayerNorm after all panels),
     through the rows (300 x 256 x 200 and x 2100 x 40: a block's GELU, or the row block's LayerNorm,
-    deferred under the next row block's products), one and three chunks of K, partial blocks. And within
-    float32 of float64."""
+    deferred under the next row block's products; 270 rows: 9 row blocks, the middle one shared by the
+    two threads, its LayerNorm after both), one and three chunks of K, partial blocks. And within float32
+    of float64."""
     rng = np.random.default_rng(k + n)
     w = (rng.standard_normal((k, n)) * k ** -0.5).astype(np.float32)
     b = rng.standard_normal(n, dtype=np.float32)
@@ -199,7 +200,7 @@ def test_amx_fused_epilogues_are_the_kernels_in_turn(epilogue, k, n):
                                             rng.standard_normal(n, dtype=np.float32))
     cell = EpilogueApart(w, b, norm)
     cell.set_inputs(Tensor(shape=[None, k], dtype=ms.float32), Tensor(shape=[None, n], dtype=ms.float32))
-    for m in (1, 15, 16, 33, 100, 300):
+    for m in (1, 15, 16, 33, 100, 270, 300):
         x = rng.standard_normal((m, k), dtype=np.float32)
         residual = rng.standard_normal((m, n), dtype=np.float32)
         fused, apart = (t.asnumpy() for t in cell(Tensor(x), Tensor(residual)))
