@@ -3,14 +3,14 @@
     python benchmarks/bench_generate.py [--config benchmarks/bench_config.json] [--video V]
                                         [--new-tokens 32] [--runs 3] [--peer]
 
-Prints medians of ``--runs`` rounds: preprocess ms, vision encode ms, prefill ms (including vision; each
-the second of two calls in a row, as the peer's script times them: a first call after the process sat
-idle, e.g. while the peer ran, takes up to 2x on this VM with either implementation),
-decode tokens/s with the KV cache at the video prompt's context, the memory-bandwidth bound of that
-decode (read bandwidth measured in the same round), the vision tower's FLOP rate against the machine's
-float32 GEMM rate (measured in the same round: numpy's OpenBLAS, and the peer venv's MKL), compile
-time, peak RSS against the weight bytes; then, once, decode at ~1600 tokens of context and without
-the cache.
+Prints medians of ``--runs`` rounds (and each round's vision encode, both sides): preprocess ms, vision
+encode ms, prefill ms (including vision; each the second of two calls in a row, as the peer's script
+times them: a first call after the process sat idle, e.g. while the peer ran, takes up to 2x on this VM
+with either implementation), decode tokens/s with the KV cache at the video prompt's context, the
+memory-bandwidth bound of that decode (read bandwidth measured in the same round), the vision tower's
+FLOP rate against the machine's float32 GEMM rate (measured in the same round: numpy's OpenBLAS, and
+the peer venv's MKL), compile time, peak RSS against the weight bytes; then, once, decode at ~1600
+tokens of context and without the cache.
 
 With ``--peer`` and the official PyTorch implementation present at ``REPO/../shared/peer`` (same bench
 config, same video, same machine), every round runs our figures and then the peer's
@@ -294,6 +294,12 @@ def main():
         if peer is not None and unit == "ms":
             peer *= 1e3
         print(table_row(label, value, peer, unit, fmt, higher))
+    vision_rounds = ", ".join(f"{v * 1e3:.0f}" for v in ours["vision"])
+    if peers:          # the spread: this VM has hours where some rounds of either side take up to 2x
+        best = min(p["vision_s"] for p in peers) / min(ours["vision"])
+        vision_rounds += ("; peer " + ", ".join(f"{p['vision_s'] * 1e3:.0f}" for p in peers)
+                          + f"; best round of each {best:.2f}x")
+    print(f"vision rounds (ms)            ours {vision_rounds}")
     print(f"read bandwidth (2 threads)    {med['bandwidth']:.1f} GB/s (measured each round; rounds: "
           + ", ".join(f"{b:.1f}" for b in ours["bandwidth"]) + ")")
     print(f"decode vs bandwidth bound     {med['decode'] / bound:.0%} of {bound:.1f} tokens/s "

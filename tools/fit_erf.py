@@ -1,4 +1,4 @@
-"""Fit the rational erf that ``cogvlm2/kernels/gelu.cc`` evaluates: erf(z) = z P(z^2) / Q(z^2), Q(0) = 1,
+"""Fit the rational erf that ``cogvlm2/kernels/gelu.h`` evaluates: erf(z) = z P(z^2) / Q(z^2), Q(0) = 1,
 P of degree 6 and Q of degree 5 in z^2, on 0 <= z <= 4 (erf(4) = 1 - 1.5e-8; beyond it the kernel clamps).
 
 Linearised least squares (P(s) z - erf(z) Q(s) = 0 on Chebyshev points), reweighted towards the worst
