@@ -132,8 +132,9 @@ class MLP(nn.Cell):
         self.linear_gelu = kernels.linear_gelu
 
     def hidden(self, x):
-        """GELU(fc1(x)), fc2's input: (..., C) -> (..., I)."""
-        if self.linear_gelu is not None:
+        """GELU(fc1(x)), fc2's input: (..., C) -> (..., I); in one kernel with ``linear_gelu`` unless fc1 is
+        no longer a plain Linear (a LoRA layer keeps its own forward)."""
+        if self.linear_gelu is not None and isinstance(self.fc1, Linear):
             return self.fc1.fused(self.linear_gelu, x)
         return gelu(self.fc1(x), self.gelu_kernel)
 
@@ -155,17 +156,16 @@ class TransformerLayer(nn.Cell):
         self.linear_norm_add = kernels.linear_norm_add
 
     def construct(self, x):
-        if self.linear_norm_add is None:
-            h = x + self.input_layernorm(self.attention(x))
-            return h + self.post_attention_layernorm(self.mlp(h))
-        h = self._close(self.attention.dense, self.attention.mix(x), self.input_layernorm, x)
-        return self._close(self.mlp.fc2, self.mlp.hidden(h), self.post_attention_layernorm, h)
+        h = self._residual(x, self.attention.dense, self.attention.mix(x), self.input_layernorm)
+        return self._residual(h, self.mlp.fc2, self.mlp.hidden(h), self.post_attention_layernorm)
 
-    def _close(self, linear, x, norm, residual):
-        """residual + norm(linear(x)) in one kernel: (T, L, in) -> (T, L, C)."""
+    def _residual(self, residual, linear, x, norm):
+        """residual + norm(linear(x)): (T, L, in) -> (T, L, C); in one kernel with ``linear_norm_add`` unless
+        ``linear`` is no longer a plain Linear (a LoRA layer keeps its own forward)."""
+        if self.linear_norm_add is None or not isinstance(linear, Linear):
+            return residual + norm(linear(x))
         c = residual.shape[-1]
-        return linear.fused(self.linear_norm_add, x,
-                            (norm.weight, norm.bias, norm.epsilon, residual.reshape(-1, c)))
+        return linear.fused(self.linear_norm_add, x, (norm.weight, norm.bias, norm.epsilon, residual.reshape(-1, c)))
 
 
 class Transformer(nn.Cell):

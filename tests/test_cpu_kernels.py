@@ -217,6 +217,37 @@ def test_amx_fused_epilogues_are_the_kernels_in_turn(epilogue, k, n):
 
 
 @needs_amx
+def test_fused_tower_layer_leaves_lora_layers_their_own_forward():
+    """A tower layer with the fused epilogues (fc1 + GELU, dense / fc2 + LayerNorm + add) gives the
+    portable layer's output, also with fc1 and dense wrapped in LoRA layers (which the fused kernels
+    would skip: those Linears keep their own forward)."""
+    from cogvlm2 import CogVLM2Config
+    from cogvlm2.cogvlm2_lora import LoRALinear
+    from cogvlm2.cogvlm2_vision import TransformerLayer, VisionKernels
+    config = CogVLM2Config.from_hf_config(os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                                       "bench_config.json")).vision_config
+    fused_kernels = VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(), matmul=amx_matmul_op(),
+                                  linear=amx_linear_op(), linear_gelu=amx_linear_gelu_op(),
+                                  linear_norm_add=amx_linear_norm_add_op())
+    rng = np.random.default_rng(7)
+    x = Tensor(rng.standard_normal((2, 37, config.hidden_size)).astype(np.float32))
+    for lora in (False, True):
+        layers = [TransformerLayer(config, ms.float32, kernels) for kernels in (VisionKernels(), fused_kernels)]
+        values = {}
+        for layer in layers:
+            if lora:
+                layer.mlp.fc1 = LoRALinear(layer.mlp.fc1, 4, 8, 0.0)
+                layer.attention.dense = LoRALinear(layer.attention.dense, 4, 8, 0.0)
+            for name, param in layer.parameters_and_names():
+                if name not in values:
+                    values[name] = (rng.standard_normal(param.shape) * 0.05 + ("weight" in name and "norm" in name)
+                                    ).astype(np.float32)
+                param.set_data(Tensor(values[name]))
+        portable, fused = (layer(x).asnumpy() for layer in layers)
+        assert np.abs(fused - portable).max() <= 1e-5 * np.abs(portable).max(), (lora, np.abs(fused - portable).max())
+
+
+@needs_amx
 def test_amx_fused_epilogue_gradients_match_mindspore_ops():
     """The gradients of AmxLinearGelu and AmxLinearNormAdd in every input (but eps) against the same
     functions in MindSpore's ops."""
