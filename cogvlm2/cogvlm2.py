@@ -376,15 +376,15 @@ def _vision_kernels(config, matmul) -> VisionKernels:
     that also adds the bias for the biased Linears; with both, the AMX products that also do the GELU
     after fc1 and the LayerNorm and residual add after each branch, and the patch kernel that makes the
     patch convolution a product."""
-    linear = amx_linear_op() if matmul is not None else None
+    amx = {"linear": amx_linear_op()} if matmul is not None else {}
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
-        amx = matmul is not None
+        if amx:
+            amx.update(linear_gelu=amx_linear_gelu_op(), linear_norm_add=amx_linear_norm_add_op(),
+                       patches=patchify_op())
         return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
                              attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul,
-                             silu_mul=silu_mul_op(), linear=linear,
-                             linear_gelu=amx_linear_gelu_op() if amx else None,
-                             linear_norm_add=amx_linear_norm_add_op() if amx else None, patches=patchify_op())
-    return VisionKernels(matmul=matmul, linear=linear)
+                             silu_mul=silu_mul_op(), **amx)
+    return VisionKernels(matmul=matmul, **amx)
 
 
 def _check_device_dtype(config):

@@ -76,6 +76,17 @@ struct Epilogue {
 
 constexpr int64_t kRowWorkPerThread = 1 << 14;   // values of a LayerNorm pass after a product per thread
 
+// The epilogue of y's rows [m0, m0 + rows), columns [n0, n0 + width) (whole rows for the LayerNorm), in place.
+void epilogue_rows(const Epilogue &e, float *y, int64_t N, int64_t m0, int64_t n0, int64_t width, int64_t rows) {
+  for (int64_t m = m0; m < m0 + rows; ++m) {
+    float *row = y + m * N + n0;
+    if (e.gelu)
+      cogvlm2::gelu::gelu_span(row, row, width);
+    else
+      cogvlm2::layer_norm::normalize_row(row, e.norm_weight, e.norm_bias, row, width, e.eps, e.residual + m * N);
+  }
+}
+
 // Stored rows of y whose epilogue waits: rows [m0 + done, m0 + count) x columns [n0, n0 + width). Its work
 // is done a few rows at a time between the tile products of the next block (`slice`, twice per step of
 // K): the vector units are idle while the tile unit multiplies, so it costs little there, where the
@@ -104,14 +115,7 @@ struct Pending {
   }
   // not inlined into block_sums, whose tile loop it would otherwise crowd (1.1x slower for fc1's GELU)
   __attribute__((noinline)) void run(int rows) {
-    for (; rows > 0 && done < count; --rows, ++done) {
-      float *row = y + (m0 + done) * N + n0;
-      if (epilogue->gelu)
-        cogvlm2::gelu::gelu_span(row, row, width);
-      else
-        cogvlm2::layer_norm::normalize_row(row, epilogue->norm_weight, epilogue->norm_bias, row, width, epilogue->eps,
-                                           epilogue->residual + (m0 + done) * N);
-    }
+    for (; rows > 0 && done < count; --rows, ++done) epilogue_rows(*epilogue, y, N, m0 + done, n0, width, 1);
   }
   void slice() {
     if (done < count) run(per_slice);
@@ -381,9 +385,7 @@ void columns_through(const float *x, const float *w, const float *bias, const Ep
   });
   if (epilogue.residual != nullptr)                         // rows are whole only now
     cogvlm2::parallel((M * N + kRowWorkPerThread - 1) / kRowWorkPerThread, [&](int t, int n) {
-      Pending rows;
-      rows.start(epilogue, y, N, M * t / n, 0, N, static_cast<int>(M * (t + 1) / n - M * t / n), 1);
-      rows.finish();
+      epilogue_rows(epilogue, y, N, M * t / n, 0, N, M * (t + 1) / n - M * t / n);
     });
 }
 
@@ -441,9 +443,7 @@ void rows_through(const float *x, const float *w, const float *bias, const Epilo
       const int64_t boundary = units * t / threads;
       if (boundary % column_blocks == 0) continue;
       const int64_t m0 = boundary / column_blocks * kBlock;
-      Pending rows;
-      rows.start(epilogue, y, N, m0, 0, N, static_cast<int>(std::min(kBlock, M - m0)), 1);
-      rows.finish();
+      epilogue_rows(epilogue, y, N, m0, 0, N, std::min(kBlock, M - m0));
     }
 }
 
@@ -527,11 +527,7 @@ int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, 
     if (bias != nullptr)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
-    if (epilogue.any()) {
-      Pending rows;
-      rows.start(epilogue, y, N, 0, 0, N, static_cast<int>(M), 1);
-      rows.finish();
-    }
+    if (epilogue.any()) epilogue_rows(epilogue, y, N, 0, 0, N, M);
     return 0;
   }
 #ifdef COGVLM2_AMX
