@@ -11,9 +11,9 @@ the decoder's parameters stay lazy and take no memory):
   with AMX-BF16; left out where the CPU has none), which adds the biased Linears' bias as it stores, and
   does fc1's GELU and each branch's LayerNorm and residual add in the same kernel, and runs the two
   convolutions as products of their patches;
-- ``amx+apart``: the same with that GELU, LayerNorm and add as their own kernels and the convolutions as
-  MindSpore's Conv2D (the ``linear_gelu``, ``linear_norm_add``, patch and convolution ``linear`` kernels
-  taken off before the first call compiles the graph);
+- ``amx+apart``: the same with that GELU, LayerNorm and add and the adapter's silu(gate) * up as their own
+  kernels and the convolutions as MindSpore's Conv2D (the ``linear_gelu``, ``linear_norm_add``, ``gated``,
+  patch and convolution ``linear`` kernels taken off before the first call compiles the graph);
 - ``amx+BiasAdd``: the same again with each biased Linear's product and MindSpore's BiasAdd apart (the
   ``biased`` kernel taken off too).
 Each round encodes the golden video's frames with every model, in rotating order, so load from other
@@ -51,12 +51,13 @@ APART = {"amx+apart": ("epilogues", "conv"), "amx+BiasAdd": ("epilogues", "conv"
 
 
 def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
-    """``apart``: "epilogues" (fc1's GELU, each branch's LayerNorm and add as their own kernels), "conv"
+    """``apart``: "epilogues" (fc1's GELU, each branch's LayerNorm and add, the adapter's silu(gate) * up as
+    their own kernels), "conv"
     (the convolutions as MindSpore's Conv2D), "bias" (each biased Linear's product and BiasAdd apart)."""
     from mindspore import Tensor
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
     from cogvlm2.cogvlm2_layers import Linear
-    from cogvlm2.cogvlm2_vision import MLP, Conv2d, PatchEmbedding, TransformerLayer
+    from cogvlm2.cogvlm2_vision import GLU, MLP, Conv2d, PatchEmbedding, TransformerLayer
     model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path, **overrides))
     for _, cell in model.cells_and_names():
         if "bias" in apart and isinstance(cell, Linear):
@@ -65,6 +66,8 @@ def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
             cell.linear_gelu = None
         if "epilogues" in apart and isinstance(cell, TransformerLayer):
             cell.linear_norm_add = None
+        if "epilogues" in apart and isinstance(cell, GLU):
+            cell.gated = None
         if "conv" in apart and isinstance(cell, PatchEmbedding):
             cell.patchify = None
         if "conv" in apart and isinstance(cell, Conv2d):

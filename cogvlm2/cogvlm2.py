@@ -39,11 +39,12 @@ from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model, DecoderKernels
-from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_linear_gelu_op, amx_linear_norm_add_op, amx_linear_op,
-                                         amx_matmul_op, decode_attention_op, gelu_op, layer_norm_op, patchify_op,
-                                         prefill_attention_op, resolve_decode_matmul, resolve_decoder_kernels,
-                                         resolve_gemm, resolve_kv_cache, resolve_vision_kernels, rms_norm_op,
-                                         rows_matmul_op, silu_mul_op, vision_attention_op)
+from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_gated_op, amx_linear_gelu_op, amx_linear_norm_add_op,
+                                         amx_linear_op, amx_matmul_op, decode_attention_op, gelu_op, layer_norm_op,
+                                         patchify_op, prefill_attention_op, resolve_decode_matmul,
+                                         resolve_decoder_kernels, resolve_gemm, resolve_kv_cache,
+                                         resolve_vision_kernels, rms_norm_op, rows_matmul_op, silu_mul_op,
+                                         vision_attention_op)
 from cogvlm2.cogvlm2_vision import VisionKernels
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
@@ -374,13 +375,13 @@ def _vision_kernels(config, matmul) -> VisionKernels:
     """The GELU, LayerNorm, attention and SiLU * up of the vision tower and adapter, as ``vision_kernels``
     resolves, and ``matmul`` (``_gemm``: the AMX product or None) as their product, with the AMX product
     that also adds the bias for the biased Linears; with both, the AMX products that also do the GELU
-    after fc1 and the LayerNorm and residual add after each branch, and the patch kernel that makes the
-    patch convolution a product."""
+    after fc1 and the LayerNorm and residual add after each branch, the adapter's gate and up products
+    with silu(gate) * up, and the patch kernel that makes the patch convolution a product."""
     amx = {"linear": amx_linear_op()} if matmul is not None else {}
     if resolve_vision_kernels(config.vision_kernels, ms.get_context("device_target"), config.compute_dtype) == "fused":
         if amx:
             amx.update(linear_gelu=amx_linear_gelu_op(), linear_norm_add=amx_linear_norm_add_op(),
-                       patches=patchify_op())
+                       patches=patchify_op(), gated=amx_gated_op())
         return VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(),
                              attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul,
                              silu_mul=silu_mul_op(), **amx)

@@ -34,6 +34,8 @@
   residual plus the LayerNorm (the end of each branch of a tower layer). Their GELU and LayerNorm are
   ``gelu_op``'s and ``layer_norm_op``'s, run on the vector units under the next block's tile products, so
   each fused kernel gives the bits of the kernels it replaces; differentiable (MindSpore ops).
+  ``amx_gated_op()``: SwiGLU's gate and up products and ``silu_mul_op``'s step in one kernel, the same bits
+  (the adapter's GLU); differentiable.
 - ``patchify_op()``: frames -> their non-overlapping p x p patches as rows (``kernels/patchify.cc``), so the
   tower's patch convolution (stride = kernel) runs as one AMX Linear; differentiable.
 - ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` /
@@ -80,7 +82,7 @@ SOURCES = tuple(os.path.join(KERNELS, name)
                              "vision_attention.cc", "prefill_attention.cc", "rms_norm.cc", "silu_mul.cc",
                              "amx_matmul.cc", "patchify.cc"))
 HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h", "gelu.h",
-                                                               "layer_norm.h"))
+                                                               "layer_norm.h", "silu.h"))
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
 # No OpenMP: the kernels run on MindSpore's own kernel threads (cpu_common.h), else on a few worker
 # threads that sleep on a condition variable between calls, so nothing spins beside MindSpore's pool.
@@ -264,6 +266,15 @@ def amx_linear_norm_add_op():
                    _linear_norm_add_bprop)
 
 
+def amx_gated_op():
+    """``(x (M, K), w_gate (K, N), w_up (K, N)) -> silu(x @ w_gate) * (x @ w_up)`` (M, N) float32: two
+    ``amx_matmul_op`` products and ``silu_mul_op`` in one kernel, the same bits, without writing either
+    product out (``kernels/amx_matmul.cc``); differentiable in x, w_gate and w_up. Only where
+    ``amx_available()``."""
+    f32 = DataType.F32_Default
+    return _custom("AmxGated", [("x", f32), ("w_gate", f32), ("w_up", f32)], _gated_bprop)
+
+
 def patchify_op():
     """``(images (T, C, H, W), size (p,)) -> (T * H/p * W/p, C * p * p)`` float32: each frame's p x p patches as
     rows in raster order, each row's values in (c, ky, kx) order, a convolution weight's (out, C, p, p)
@@ -329,6 +340,12 @@ def _linear_norm_add_bprop(x, w, bias, norm_weight, norm_bias, eps, residual, ou
     z = ops.bias_add(ops.matmul(x, w), bias)
     dz, dweight, dbias, deps = _layer_norm_bprop(z, norm_weight, norm_bias, eps, out, dout)
     return _linear_bprop(x, w, bias, z, dz) + (dweight, dbias, deps, dout)
+
+
+def _gated_bprop(x, w_gate, w_up, out, dout):
+    """y = silu(g) * u, g = x w_gate and u = x w_up recomputed: silu_mul's gradients, then both products'."""
+    dgate, dup = _silu_mul_bprop(ops.matmul(x, w_gate), ops.matmul(x, w_up), out, dout)
+    return _matmul_nt(dgate, w_gate) + _matmul_nt(dup, w_up), _matmul_tn(x, dgate), _matmul_tn(x, dup)
 
 
 def _patchify_bprop(images, size, out, dout):

@@ -183,8 +183,16 @@ def gelu(x, kernel=None):
     return kernel(x)
 
 
-def swiglu(x, gate_proj, up_proj, down_proj, matmul=None, silu_mul=None):
+def swiglu(x, gate_proj, up_proj, down_proj, matmul=None, silu_mul=None, gated=None):
     """down(silu(gate(x)) * up(x)): the Llama MLP and the adapter GLU share this (``matmul``: see Linear;
-    ``silu_mul``: (gate, up) -> silu(gate) * up in one kernel, ``cogvlm2_cpu_kernels.silu_mul_op``)."""
+    ``silu_mul``: (gate, up) -> silu(gate) * up in one kernel, ``cogvlm2_cpu_kernels.silu_mul_op``;
+    ``gated``: (x (N, in), W_gate, W_up) -> silu(x W_gate) * (x W_up), both products and that step in one
+    kernel, ``amx_gated_op``, used while gate and up are plain Linears without bias: a LoRA layer keeps
+    its own forward)."""
+    if gated is not None and isinstance(gate_proj, Linear) and isinstance(up_proj, Linear) \
+            and gate_proj.bias is None and up_proj.bias is None:
+        shape = x.shape
+        hidden = gated(x.reshape(-1, shape[-1]), gate_proj.weight, up_proj.weight)        # (N, inner)
+        return down_proj(hidden.reshape(shape[:-1] + (gate_proj.out_features,)), matmul)
     gate, up = gate_proj(x, matmul), up_proj(x, matmul)
     return down_proj(ops.silu(gate) * up if silu_mul is None else silu_mul(gate, up), matmul)

@@ -8,7 +8,8 @@ Parameter names follow the HF checkpoint under ``model.vision.*``:
 adapter uses (None: MindSpore's ops; on CPU ``cogvlm2_cpu_kernels.gelu_op`` / ``layer_norm_op`` /
 ``vision_attention_op`` / ``silu_mul_op``, chosen by ``vision_kernels``, and ``amx_matmul_op`` /
 ``amx_linear_op``, chosen by ``gemm``; with both, ``amx_linear_gelu_op`` / ``amx_linear_norm_add_op``
-take the step after a tower Linear into its kernel, with the same bits, and ``patchify_op`` turns the
+take the step after a tower Linear into its kernel, with the same bits, ``amx_gated_op`` does the
+adapter's gate and up products and silu(gate) * up in one, and ``patchify_op`` turns the
 patch convolution into one product; the adapter's 2 x 2 convolution is one with ``amx_linear_op`` alone).
 """
 from typing import NamedTuple
@@ -33,6 +34,7 @@ class VisionKernels(NamedTuple):
     linear_gelu: object = None   # (x, W, b) -> GELU(x W + b): the MLP's fc1 and GELU
     linear_norm_add: object = None   # (x, W, b, norm weight, norm bias, eps (1,), r) -> r + LN(x W + b)
     patches: object = None       # (images (T, C, H, W), size (p,)) -> (T * H/p * W/p, C * p * p)
+    gated: object = None         # (x, W_gate, W_up) -> silu(x W_gate) * (x W_up): the adapter's SwiGLU products
 
 
 class Conv2d(nn.Cell):
@@ -193,10 +195,12 @@ class GLU(nn.Cell):
         self.dense_4h_to_h = Linear(inner, hidden, False, dtype, kernels.matmul)
         self.gelu_kernel = kernels.gelu
         self.silu_mul = kernels.silu_mul
+        self.gated = kernels.gated
 
     def construct(self, x):
         x = gelu(self.norm1(self.linear_proj(x)), self.gelu_kernel)
-        return swiglu(x, self.gate_proj, self.dense_h_to_4h, self.dense_4h_to_h, silu_mul=self.silu_mul)
+        return swiglu(x, self.gate_proj, self.dense_h_to_4h, self.dense_4h_to_h, silu_mul=self.silu_mul,
+                      gated=self.gated)
 
 
 class EVA2CLIPModel(nn.Cell):

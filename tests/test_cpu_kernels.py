@@ -13,7 +13,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from scipy.special import erf
 
 from cogvlm2 import cogvlm2_cpu_kernels as kernels_module
-from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_linear_gelu_op, amx_linear_norm_add_op, amx_linear_op,
+from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_gated_op, amx_linear_gelu_op, amx_linear_norm_add_op,
+                                         amx_linear_op,
                                          amx_matmul_op, decode_attention_op, gelu_op, patchify_op,
                                          layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
                                          resolve_kv_cache, resolve_decoder_kernels, resolve_vision_kernels,
@@ -216,6 +217,75 @@ def test_amx_fused_epilogues_are_the_kernels_in_turn(epilogue, k, n):
             assert np.abs(fused - exact).max() <= 1e-4 * max(1.0, np.abs(exact).max())
 
 
+class GatedApart(nn.Cell):
+    """``amx_gated_op`` and the kernels it replaces in turn (two ``amx_matmul_op`` products and
+    ``silu_mul_op``), in one graph with a dynamic row count."""
+
+    def __init__(self, w_gate, w_up):
+        super().__init__()
+        self.w_gate = Parameter(Tensor(w_gate), name="w_gate")
+        self.w_up = Parameter(Tensor(w_up), name="w_up")
+        self.gated, self.product, self.silu_mul = amx_gated_op(), amx_matmul_op(), silu_mul_op()
+
+    def construct(self, x):
+        apart = self.silu_mul(self.product(x, self.w_gate), self.product(x, self.w_up))
+        return self.gated(x, self.w_gate, self.w_up), apart
+
+
+@needs_amx
+@pytest.mark.parametrize("k, n", [(37, 203), (1024, 130), (2100, 64)])
+def test_amx_gated_is_the_products_and_silu_mul_in_turn(k, n):
+    """AmxGated gives the bits of the gate and up products and SiluMul: the rows kernel below 16 rows,
+    through the columns in panels of 64 (130 columns: two panels and a partial block; 203: four), one and
+    three chunks of K, partial row blocks, a block's silu(gate) * up deferred under the next blocks'
+    products. And within float32 of float64 (the products' dot-product bound carried through silu and the
+    multiplication, plus SiluMul's few ulp)."""
+    rng = np.random.default_rng(k + n)
+    w_gate, w_up = ((rng.standard_normal((k, n)) * k ** -0.5).astype(np.float32) for _ in range(2))
+    cell = GatedApart(w_gate, w_up)
+    cell.set_inputs(Tensor(shape=[None, k], dtype=ms.float32))
+    for m in (1, 15, 16, 33, 100, 300):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        fused, apart = (t.asnumpy() for t in cell(Tensor(x)))
+        assert fused.shape == (m, n)
+        assert np.array_equal(fused, apart), (m, np.abs(fused - apart).max())
+        g, u = (x.astype(np.float64) @ w.astype(np.float64) for w in (w_gate, w_up))
+        exact = g / (1 + np.exp(-g)) * u
+        # d(silu(g) u) = u silu'(g) dg + silu(g) du, |silu'| <= 1.1
+        bound = 1.1 * np.abs(u) * tolerance(x, w_gate) + np.abs(g) * tolerance(x, w_up)
+        assert np.all(np.abs(fused - exact) <= bound + 8 * np.finfo(np.float32).eps * np.abs(exact) + 1e-30), \
+            np.abs(fused - exact).max()
+
+
+@needs_amx
+def test_fused_adapter_leaves_lora_layers_their_own_forward():
+    """The adapter's GLU with the gated kernel gives the portable GLU's output, also with gate_proj wrapped
+    in a LoRA layer (the gated kernel is then skipped: both products keep their own forward)."""
+    from cogvlm2 import CogVLM2Config
+    from cogvlm2.cogvlm2_lora import LoRALinear
+    from cogvlm2.cogvlm2_vision import GLU, VisionKernels
+    config = CogVLM2Config.from_hf_config(os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                                       "bench_config.json"))
+    fused_kernels = VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(), matmul=amx_matmul_op(),
+                                  silu_mul=silu_mul_op(), gated=amx_gated_op())
+    rng = np.random.default_rng(8)
+    x = Tensor(rng.standard_normal((2, 33, config.vision_config.hidden_size)).astype(np.float32))
+    for lora in (False, True):
+        glus = [GLU(config, config.vision_config.hidden_size, ms.float32, kernels)
+                for kernels in (VisionKernels(), fused_kernels)]
+        values = {}
+        for glu in glus:
+            if lora:
+                glu.gate_proj = LoRALinear(glu.gate_proj, 4, 8, 0.0)
+            for name, param in glu.parameters_and_names():
+                if name not in values:
+                    values[name] = (rng.standard_normal(param.shape) * 0.05 + ("weight" in name and "norm" in name)
+                                    ).astype(np.float32)
+                param.set_data(Tensor(values[name]))
+        portable, fused = (glu(x).asnumpy() for glu in glus)
+        assert np.abs(fused - portable).max() <= 1e-5 * np.abs(portable).max(), (lora, np.abs(fused - portable).max())
+
+
 @needs_amx
 def test_fused_tower_layer_leaves_lora_layers_their_own_forward():
     """A tower layer with the fused epilogues (fc1 + GELU, dense / fc2 + LayerNorm + add) gives the
@@ -249,8 +319,8 @@ def test_fused_tower_layer_leaves_lora_layers_their_own_forward():
 
 @needs_amx
 def test_amx_fused_epilogue_gradients_match_mindspore_ops():
-    """The gradients of AmxLinearGelu and AmxLinearNormAdd in every input (but eps) against the same
-    functions in MindSpore's ops."""
+    """The gradients of AmxLinearGelu, AmxLinearNormAdd and AmxGated in every input (but eps) against the
+    same functions in MindSpore's ops."""
     rng = np.random.default_rng(5)
     x, w, b, nw, nb, r, weights = (Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in
                                    [(37, 50), (50, 21), (21,), (21,), (21,), (37, 21), (37, 21)])
@@ -271,8 +341,12 @@ def test_amx_fused_epilogue_gradients_match_mindspore_ops():
         z = ops.bias_add(ops.matmul(x, w), b)
         return r + ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-6)(z, nw, nb)[0]
 
+    def gated_portable(x, w_gate, w_up):
+        return ops.silu(ops.matmul(x, w_gate)) * ops.matmul(x, w_up)
+
     cases = [(amx_linear_gelu_op(), gelu_portable, (x, w, b), (0, 1, 2)),
-             (amx_linear_norm_add_op(), norm_add_portable, (x, w, b, nw, nb, eps, r), (0, 1, 2, 3, 4, 6))]
+             (amx_linear_norm_add_op(), norm_add_portable, (x, w, b, nw, nb, eps, r), (0, 1, 2, 3, 4, 6)),
+             (amx_gated_op(), gated_portable, (x, w, w * 0.5 + 0.1), (0, 1, 2))]
     for fused, portable, args, positions in cases:
         ours = ms.grad(Loss(fused), grad_position=positions)(*args, weights)
         theirs = ms.grad(Loss(portable), grad_position=positions)(*args, weights)

@@ -8,7 +8,10 @@
 // step after a Linear of the vision tower into the same kernel (the epilogue):
 // - AmxLinearGelu (the same params): y = GELU(x @ w + bias), the MLP's fc1 and its GELU (gelu.h);
 // - AmxLinearNormAdd ({x, w, bias, norm_weight (N,), norm_bias (N,), eps (1,), residual (M, N), y}):
-//   y = residual + LayerNorm(x @ w + bias) (layer_norm.h), the end of each branch of an EVA layer.
+//   y = residual + LayerNorm(x @ w + bias) (layer_norm.h), the end of each branch of an EVA layer;
+// - AmxGated ({x, w_gate, w_up, y}): y = silu(x @ w_gate) * (x @ w_up) (silu.h), SwiGLU's two products
+//   and their product in one kernel: each block's gate sums wait in a per-thread buffer for the same
+//   block of up sums, so neither product is written out and read back.
 // Their row work runs on the vector units while the tile unit multiplies the next block (deferred:
 // `Pending`), and gives the bits of the separate kernels and MindSpore's Add in turn.
 //
@@ -47,6 +50,7 @@
 #include "cpu_common.h"
 #include "gelu.h"
 #include "layer_norm.h"
+#include "silu.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -64,14 +68,16 @@ namespace {
 // rows is bound by reading w, which the rows kernel does once (prefill's lm_head row, short prompts).
 constexpr int64_t kMinRows = 16;
 
-// What a product's stored sums get after the bias: GELU of each value, or the residual plus the
-// LayerNorm of each (whole) row.
+// What a product's stored sums get after the bias: GELU of each value, the residual plus the LayerNorm
+// of each (whole) row, or silu of the gate sums times each value.
 struct Epilogue {
   bool gelu = false;
   const float *residual = nullptr;                     // (M, N): residual + LayerNorm, with these
   const float *norm_weight = nullptr, *norm_bias = nullptr;
   double eps = 0;
-  bool any() const { return gelu || residual != nullptr; }
+  const float *gate = nullptr;                         // y[m, n] *= silu(gate[m * gate_stride + n - gate_n0])
+  int64_t gate_stride = 0, gate_n0 = 0;
+  bool any() const { return gelu || residual != nullptr || gate != nullptr; }
 };
 
 constexpr int64_t kRowWorkPerThread = 1 << 14;   // values of a LayerNorm pass after a product per thread
@@ -82,6 +88,8 @@ void epilogue_rows(const Epilogue &e, float *y, int64_t N, int64_t m0, int64_t n
     float *row = y + m * N + n0;
     if (e.gelu)
       cogvlm2::gelu::gelu_span(row, row, width);
+    else if (e.gate != nullptr)
+      cogvlm2::silu::silu_mul_span(e.gate + m * e.gate_stride + n0 - e.gate_n0, row, row, width);
     else
       cogvlm2::layer_norm::normalize_row(row, e.norm_weight, e.norm_bias, row, width, e.eps, e.residual + m * N);
   }
@@ -293,15 +301,15 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
   }
 }
 
-// C tiles -> y rows [m0, m0 + 32) x columns [n, n + 32), clipped to M x N; added to y unless `first`;
-// plus bias[n ..] if `bias` (given with the last chunk of K).
-inline void store_sums(float *y, int64_t M, int64_t N, int64_t m0, int64_t n, bool first, const float *bias) {
-  if (first && bias == nullptr && m0 + kBlock <= M && n + kBlock <= N) {
-    const int stride = static_cast<int>(N * 4);
-    _tile_stored(0, y + m0 * N + n, stride);
-    _tile_stored(1, y + m0 * N + n + kTile, stride);
-    _tile_stored(2, y + (m0 + kTile) * N + n, stride);
-    _tile_stored(3, y + (m0 + kTile) * N + n + kTile, stride);
+// C tiles -> the block at `out` (rows `stride` floats apart), its first `rows` rows and `cols` columns (at
+// most 32 each); added to it unless `first`; plus bias[0 .. cols) if `bias` (given with the last chunk of K).
+inline void store_block(float *out, int64_t stride, int64_t rows, int64_t cols, bool first, const float *bias) {
+  if (first && bias == nullptr && rows == kBlock && cols == kBlock) {
+    const int bytes = static_cast<int>(stride * 4);
+    _tile_stored(0, out, bytes);
+    _tile_stored(1, out + kTile, bytes);
+    _tile_stored(2, out + kTile * stride, bytes);
+    _tile_stored(3, out + kTile * stride + kTile, bytes);
     return;
   }
   alignas(64) float c[kBlock * kBlock];
@@ -309,34 +317,40 @@ inline void store_sums(float *y, int64_t M, int64_t N, int64_t m0, int64_t n, bo
   _tile_stored(1, c + kTile, kBlock * 4);
   _tile_stored(2, c + kTile * kBlock, kBlock * 4);
   _tile_stored(3, c + kTile * kBlock + kTile, kBlock * 4);
-  const int64_t rows = std::min(kBlock, M - m0), cols = std::min(kBlock, N - n);
-  __m512 b[kBlock / 16];                                     // bias[n ..], zeros beyond N
+  __m512 b[kBlock / 16];                                     // bias[0 ..], zeros beyond cols
   for (int64_t j = 0; j < kBlock; j += 16)
-    b[j / 16] = bias != nullptr ? _mm512_maskz_loadu_ps(lanes(cols - j), bias + n + j) : _mm512_setzero_ps();
+    b[j / 16] = bias != nullptr ? _mm512_maskz_loadu_ps(lanes(cols - j), bias + j) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    float *out = y + (m0 + r) * N + n;
+    float *row = out + r * stride;
     const float *sums = c + r * kBlock;
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 valid = lanes(cols - j);
       __m512 v = _mm512_load_ps(sums + j);
-      if (!first) v = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, out + j), v);
+      if (!first) v = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, row + j), v);
       if (bias != nullptr) v = _mm512_add_ps(v, b[j / 16]);
-      _mm512_mask_storeu_ps(out + j, valid, v);
+      _mm512_mask_storeu_ps(row + j, valid, v);
     }
   }
 }
 
-// A per-thread buffer of at least `size` bf16 values, 64-byte aligned (a tile row that straddles two
-// cache lines halves the tile unit's rate), kept for the thread's next call (no page faults per call).
+// C tiles -> y rows [m0, m0 + 32) x columns [n, n + 32), clipped to M x N (see store_block).
+inline void store_sums(float *y, int64_t M, int64_t N, int64_t m0, int64_t n, bool first, const float *bias) {
+  store_block(y + m0 * N + n, N, std::min(kBlock, M - m0), std::min(kBlock, N - n), first,
+              bias != nullptr ? bias + n : nullptr);
+}
+
+// A per-thread buffer of at least `size` values, 64-byte aligned (a tile row that straddles two cache
+// lines halves the tile unit's rate), kept for the thread's next call (no page faults per call).
+template <typename T>
 struct Buffer {
   struct Free {
-    void operator()(bf16 *p) const { std::free(p); }
+    void operator()(T *p) const { std::free(p); }
   };
-  std::unique_ptr<bf16, Free> data;
+  std::unique_ptr<T, Free> data;
   size_t size = 0;
-  bf16 *grown(size_t wanted) {
+  T *grown(size_t wanted) {
     if (size < wanted) {
-      data.reset(static_cast<bf16 *>(std::aligned_alloc(64, round_up(wanted * sizeof(bf16), 64))));
+      data.reset(static_cast<T *>(std::aligned_alloc(64, round_up(wanted * sizeof(T), 64))));
       size = wanted;
     }
     return data.get();
@@ -346,37 +360,61 @@ struct Buffer {
 // x's parts once for the whole call; each thread then takes panels of up to 128 columns of w and
 // converts them chunk by chunk of K: w, the larger operand of a wide product (N >= M), is read once.
 // Also the products whose w parts would not stay in L2.
-void columns_through(const float *x, const float *w, const float *bias, const Epilogue &epilogue, float *y,
-                     int64_t M, int64_t K, int64_t N, int64_t steps) {
+// Gated (`w_up` given: y = silu(x @ w) * (x @ w_up)): panels of 64 columns of both, whose parts stay in L2
+// together; each block's gate sums go to a per-thread buffer of the panel's columns, the same block's up
+// sums to y, and on the last chunk of K the block's silu(gate) * up waits under the next blocks' products.
+void columns_through(const float *x, const float *w, const float *w_up, const float *bias, const Epilogue &epilogue,
+                     float *y, int64_t M, int64_t K, int64_t N, int64_t steps) {
   const int64_t Mp = round_up(M, kBlock), strip = steps * kParts * kTileSize;
-  static thread_local Buffer a_buffer;                        // x's parts
+  static thread_local Buffer<bf16> a_buffer;                        // x's parts
   bf16 *a = a_buffer.grown(static_cast<size_t>(Mp / kTile * strip));
   const int64_t row_strips = Mp / kTile;
   cogvlm2::parallel(row_strips, [&](int t, int n) {
     const int64_t r0 = row_strips * t / n * kTile, r1 = row_strips * (t + 1) / n * kTile;
     convert_rows(x, M, K, 0, steps, r0, r1, a + r0 / kTile * strip);
   });
-  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const bool gated = w_up != nullptr;
+  const int64_t panel_width = gated ? kPanel / 2 : kPanel, panels = (N + panel_width - 1) / panel_width;
   cogvlm2::parallel(panels, [&](int t, int n) {
-    static thread_local Buffer b_buffer;                      // a panel of w's parts
+    static thread_local Buffer<bf16> b_buffer, up_buffer;           // a panel of w's (and w_up's) parts
+    static thread_local Buffer<float> gate_buffer;                  // gated: the panel's gate sums (Mp, 64)
     static thread_local TileConfig config;
     _tile_loadconfig(&config);
-    bf16 *b = b_buffer.grown(static_cast<size_t>(kPanel / kTile * std::min(steps, kChunk) * kParts * kTileSize));
-    Pending pending;                                          // a block's GELU
+    const size_t panel_values = static_cast<size_t>(panel_width / kTile * std::min(steps, kChunk) * kParts * kTileSize);
+    bf16 *b = b_buffer.grown(panel_values), *b_up = gated ? up_buffer.grown(panel_values) : nullptr;
+    Epilogue after = epilogue;                                // gated: silu of this thread's gate sums
+    if (gated) {
+      after.gate = gate_buffer.grown(static_cast<size_t>(Mp * panel_width));
+      after.gate_stride = panel_width;
+    }
+    float *gate = const_cast<float *>(after.gate);
+    Pending pending;                                          // a block's GELU or silu(gate) * up
     for (int64_t panel = t; panel < panels; panel += n) {
-      const int64_t n0 = panel * kPanel, width = std::min(kPanel, round_up(N - n0, kBlock));
+      const int64_t n0 = panel * panel_width, width = std::min(panel_width, round_up(N - n0, kBlock));
+      if (gated) {
+        pending.finish();                                     // its gate sums are the last panel's
+        after.gate_n0 = n0;
+      }
       for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
         const int64_t chunk = std::min(kChunk, steps - s0), b_strip = chunk * kParts * kTileSize;
         convert_panel(w, K, N, s0 * kStep, chunk, n0, width, b);
+        if (gated) convert_panel(w_up, K, N, s0 * kStep, chunk, n0, width, b_up);
         const bool last = s0 + chunk == steps;
         for (int64_t m0 = 0; m0 < Mp; m0 += kBlock)
           for (int64_t j = 0; j < width; j += kBlock) {
-            block_sums(a + m0 / kTile * strip + s0 * kParts * kTileSize, strip, b + j / kTile * b_strip, b_strip,
-                       chunk, pending);
+            const bf16 *a_block = a + m0 / kTile * strip + s0 * kParts * kTileSize;
+            const int rows = static_cast<int>(std::min(kBlock, M - m0));
+            const int64_t cols = std::min(kBlock, N - n0 - j);
+            if (gated) {
+              block_sums(a_block, strip, b + j / kTile * b_strip, b_strip, chunk, pending);
+              store_block(gate + m0 * panel_width + j, panel_width, rows, cols, s0 == 0, nullptr);
+              block_sums(a_block, strip, b_up + j / kTile * b_strip, b_strip, chunk, pending);
+            } else {
+              block_sums(a_block, strip, b + j / kTile * b_strip, b_strip, chunk, pending);
+            }
             store_sums(y, M, N, m0, n0 + j, s0 == 0, last ? bias : nullptr);
-            if (last && epilogue.gelu)
-              pending.start(epilogue, y, N, m0, n0 + j, std::min(kBlock, N - n0 - j),
-                            static_cast<int>(std::min(kBlock, M - m0)), 2 * chunk);
+            if (last && (after.gelu || gated))
+              pending.start(after, y, N, m0, n0 + j, cols, rows, (gated ? 4 : 2) * chunk);
           }
       }
     }
@@ -396,7 +434,7 @@ void columns_through(const float *x, const float *w, const float *bias, const Ep
 void rows_through(const float *x, const float *w, const float *bias, const Epilogue &epilogue, float *y,
                   int64_t M, int64_t K, int64_t N, int64_t steps) {
   const int64_t Np = round_up(N, kBlock), strip = steps * kParts * kTileSize;
-  static thread_local Buffer b_buffer;                        // w's parts
+  static thread_local Buffer<bf16> b_buffer;                        // w's parts
   bf16 *b = b_buffer.grown(static_cast<size_t>(Np / kTile * strip));
   const int64_t column_blocks = Np / kBlock;
   cogvlm2::parallel(column_blocks, [&](int t, int n) {
@@ -409,7 +447,7 @@ void rows_through(const float *x, const float *w, const float *bias, const Epilo
   const int64_t row_blocks = round_up(M, kBlock) / kBlock, units = row_blocks * column_blocks;
   int threads = 1;
   cogvlm2::parallel(row_blocks, [&](int t, int n) {
-    static thread_local Buffer a_buffer;                      // a block of x's parts
+    static thread_local Buffer<bf16> a_buffer;                      // a block of x's parts
     static thread_local TileConfig config;
     _tile_loadconfig(&config);
     if (t == 0) threads = n;
@@ -460,17 +498,18 @@ int64_t l2_bytes() {
 // blocks, which split unevenly over the threads.
 constexpr int64_t kMinRowsThrough = 8 * kBlock;
 
-void amx_matmul(const float *x, const float *w, const float *bias, const Epilogue &epilogue, float *y, int64_t M,
-                int64_t K, int64_t N) {
+void amx_matmul(const float *x, const float *w, const float *w_up, const float *bias, const Epilogue &epilogue,
+                float *y, int64_t M, int64_t K, int64_t N) {
   const int64_t steps = round_up(K, kStep) / kStep;
   // Tall products whose w parts stay in L2 beside a block of x (the vision tower's, 1542 x 256 x 768 and
   // 1542 x 1024 x 256 at 6 frames) go through their rows: 1.15-1.27x faster (through ctypes); with w's
   // parts beyond L2 (1575 x 1024 x 1024) they are 1.1x slower than through the columns.
   const int64_t w_parts_bytes = round_up(N, kBlock) * steps * kStep * kParts * int64_t{sizeof(bf16)};
-  if (N < M && M >= kMinRowsThrough && w_parts_bytes <= l2_bytes() * 3 / 4)
+  // Gated products go through the columns (SwiGLU's: 384-413 rows against 2816 columns at the bench config).
+  if (w_up == nullptr && N < M && M >= kMinRowsThrough && w_parts_bytes <= l2_bytes() * 3 / 4)
     rows_through(x, w, bias, epilogue, y, M, K, N, steps);
   else
-    columns_through(x, w, bias, epilogue, y, M, K, N, steps);
+    columns_through(x, w, w_up, bias, epilogue, y, M, K, N, steps);
 }
 
 #endif  // COGVLM2_AMX
@@ -491,9 +530,9 @@ namespace {
 // The kernels of this file and their params (y last):
 // kProduct {x, w, y}: y = x @ w; kLinear {x, w, bias, y}: y = x @ w + bias; kLinearGelu (the same):
 // GELU of it; kLinearNormAdd {x, w, bias, norm_weight, norm_bias, eps (1,), residual (M, N), y}:
-// residual + LayerNorm of it.
-enum Op { kProduct, kLinear, kLinearGelu, kLinearNormAdd };
-constexpr int kParams[] = {3, 4, 4, 8};
+// residual + LayerNorm of it; kGated {x, w_gate, w_up, y}: silu(x @ w_gate) * (x @ w_up).
+enum Op { kProduct, kLinear, kLinearGelu, kLinearNormAdd, kGated };
+constexpr int kParams[] = {3, 4, 4, 8, 4};
 
 int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                 void *extra) {
@@ -503,12 +542,15 @@ int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, 
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
   int64_t *out = shapes[nparam - 1];
   const auto vector_of = [&](int i, int64_t size) { return ndims[i] == 1 && shapes[i][0] == size; };
-  if (shapes[1][0] != K || out[0] != M || out[1] != N || (op != kProduct && !vector_of(2, N))) return 3;
+  const bool gated = op == kGated;
+  if (shapes[1][0] != K || out[0] != M || out[1] != N || (op != kProduct && !gated && !vector_of(2, N))) return 3;
+  if (gated && (ndims[2] != 2 || shapes[2][0] != K || shapes[2][1] != N)) return 3;
   if (op == kLinearNormAdd && (!vector_of(3, N) || !vector_of(4, N) || !vector_of(5, 1) || ndims[6] != 2 ||
                                shapes[6][0] != M || shapes[6][1] != N))
     return 3;
   float *y = static_cast<float *>(params[nparam - 1]);
-  const float *bias = op != kProduct ? static_cast<const float *>(params[2]) : nullptr;
+  const float *bias = op != kProduct && !gated ? static_cast<const float *>(params[2]) : nullptr;
+  const float *w_up = gated ? static_cast<const float *>(params[2]) : nullptr;
   Epilogue epilogue;
   epilogue.gelu = op == kLinearGelu;
   if (op == kLinearNormAdd) {
@@ -518,11 +560,22 @@ int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, 
     epilogue.residual = static_cast<const float *>(params[6]);
   }
   if (M < kMinRows || K == 0) {   // the rows kernel's product (zeros if K is 0), then the bias and epilogue
-    void *product[3] = {params[0], params[1], y};
-    int64_t *product_shapes[3] = {shapes[0], shapes[1], out};
-    const char *product_dtypes[3] = {dtypes[0], dtypes[1], dtypes[nparam - 1]};
-    int product_ndims[3] = {2, 2, 2};
-    const int status = RowsMatMul(3, product, product_ndims, product_shapes, product_dtypes, stream, extra);
+    const auto rows_product = [&](void *w, float *into) {
+      void *product[3] = {params[0], w, into};
+      int64_t *product_shapes[3] = {shapes[0], shapes[1], out};
+      const char *product_dtypes[3] = {dtypes[0], dtypes[1], dtypes[nparam - 1]};
+      int product_ndims[3] = {2, 2, 2};
+      return RowsMatMul(3, product, product_ndims, product_shapes, product_dtypes, stream, extra);
+    };
+    std::vector<float> gate_sums;                         // gated: x @ w_gate, and y = x @ w_up
+    if (gated) {
+      gate_sums.resize(static_cast<size_t>(M * N));
+      const int status = rows_product(params[1], gate_sums.data());
+      if (status != 0) return status;
+      epilogue.gate = gate_sums.data();
+      epilogue.gate_stride = N;
+    }
+    const int status = rows_product(params[gated ? 2 : 1], y);
     if (status != 0) return status;
     if (bias != nullptr)
       for (int64_t m = 0; m < M; ++m)
@@ -533,8 +586,8 @@ int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, 
 #ifdef COGVLM2_AMX
   if (!amx_ready()) return 4;
   if (N == 0) return 0;
-  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), bias, epilogue, y, M, K,
-             N);
+  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), w_up, bias, epilogue, y, M,
+             K, N);
   return 0;
 #else
   return 4;
@@ -569,6 +622,13 @@ extern "C" int AmxLinearNormAdd(int nparam, void **params, int *ndims, int64_t *
   return amx_product(kLinearNormAdd, nparam, params, ndims, shapes, dtypes, stream, extra);
 }
 
+// params {x (M, K), w_gate (K, N), w_up (K, N), y (M, N)}: y = silu(x @ w_gate) * (x @ w_up), SwiGLU's
+// gate and up products and silu_mul.cc's step in one kernel, the same bits.
+extern "C" int AmxGated(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  return amx_product(kGated, nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+
 // Output shape for MindSpore's graph compiler and its dynamic-shape runtime: (M, N).
 extern "C" std::vector<int64_t> AmxMatMulInferShape(int *ndims, int64_t **shapes, void *extra) {
   (void)ndims;
@@ -585,5 +645,9 @@ extern "C" std::vector<int64_t> AmxLinearGeluInferShape(int *ndims, int64_t **sh
 }
 
 extern "C" std::vector<int64_t> AmxLinearNormAddInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return AmxMatMulInferShape(ndims, shapes, extra);
+}
+
+extern "C" std::vector<int64_t> AmxGatedInferShape(int *ndims, int64_t **shapes, void *extra) {
   return AmxMatMulInferShape(ndims, shapes, extra);
 }

@@ -6,44 +6,19 @@
 //
 // Why: ops.silu(gate) * up is two MindSpore kernels with a 413 x 2816 intermediate written and read
 // again: 2.5 ms per call in a chain of them with dynamic shapes, four per prefill step of the bench
-// model. Here each element is read once: sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) below,
-// with e = e^-|g| from the vectorised exp (within 2 ulp), so no argument overflows; float32 throughout.
+// model. Here each element is read once (silu.h; float32 throughout).
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "cpu_common.h"
+#include "silu.h"
 
 namespace {
 
 using cogvlm2::kLanes;
-using cogvlm2::vec;
+using cogvlm2::silu::silu_mul_span;
 
 constexpr int64_t kElementsPerThread = 1 << 15;   // a second thread from 32 Ki elements
-
-inline vec silu_mul(vec g, vec u) {
-  const vec e = cogvlm2::exp_nonpositive(g < 0.f ? g : -g);        // e^-|g|
-  const vec sigmoid = (g < 0.f ? e : cogvlm2::splat(1.f)) / (1.f + e);
-  return g * sigmoid * u;
-}
-
-void silu_mul_span(const float *gate, const float *up, float *y, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    vec g, u;
-    std::memcpy(&g, gate + i, sizeof(g));
-    std::memcpy(&u, up + i, sizeof(u));
-    const vec out = silu_mul(g, u);
-    std::memcpy(y + i, &out, sizeof(out));
-  }
-  if (i < n) {                                              // the tail, through one zero-padded vector
-    vec g{}, u{};
-    std::memcpy(&g, gate + i, sizeof(float) * (n - i));
-    std::memcpy(&u, up + i, sizeof(float) * (n - i));
-    const vec out = silu_mul(g, u);
-    std::memcpy(y + i, &out, sizeof(float) * (n - i));
-  }
-}
 
 }  // namespace
 
