@@ -95,19 +95,26 @@ void epilogue_rows(const Epilogue &e, float *y, int64_t N, int64_t m0, int64_t n
   }
 }
 
+// pending.slice() calls per step of K in block_sums, one after each group of four tile products but the
+// first: fc1's GELU a row at a time over 5 slices per step, the first step's skipped, cost 1.08x less
+// than two rows at a time over 2 slices per step (through ctypes; skipping two or four steps' slices, two
+// rows at a time, cost more than either).
+constexpr int kSlicesPerStep = 5;
+
 // Stored rows of y whose epilogue waits: rows [m0 + done, m0 + count) x columns [n0, n0 + width). Its work
-// is done a few rows at a time between the tile products of the next block (`slice`, twice per step of
-// K): the vector units are idle while the tile unit multiplies, so it costs little there, where the
-// same work after each block stalled the tile unit (GELU of fc1's sums at store time: no faster than
-// the product and the GELU kernel in turn).
+// is done a row or a few at a time between the tile products of the next block (`slice`, kSlicesPerStep
+// times per step of K, from the second step): the vector units are idle while the tile unit multiplies, so
+// it costs little there, where the same work after each block stalled the tile unit (GELU of fc1's sums
+// at store time: no faster than the product and the GELU kernel in turn).
 struct Pending {
   const Epilogue *epilogue = nullptr;
   float *y = nullptr;
   int64_t N = 0, m0 = 0, n0 = 0, width = 0;
-  int count = 0, done = 0, per_slice = 0;
+  int count = 0, done = 0;
+  int64_t slots = 0, slot = 0;    // the slices that do rows, and those passed (the first kSlicesPerStep skip)
 
-  // `rows` rows from m0 (of `width` columns from n0) wait, to be done over `slices` slices; what still
-  // waited is done first
+  // `rows` rows from m0 (of `width` columns from n0) wait, to be done evenly over `slices` slices but the
+  // first kSlicesPerStep; what still waited is done first
   void start(const Epilogue &e, float *y_, int64_t N_, int64_t m0_, int64_t n0_, int64_t width_, int rows,
              int64_t slices) {
     finish();
@@ -119,14 +126,18 @@ struct Pending {
     width = width_;
     count = rows;
     done = 0;
-    per_slice = static_cast<int>((rows + slices - 1) / std::max<int64_t>(slices, 1));
+    slot = slices > kSlicesPerStep ? -kSlicesPerStep : 0;
+    slots = std::max<int64_t>(slices + std::min<int64_t>(slot, 0), 1);
   }
   // not inlined into block_sums, whose tile loop it would otherwise crowd (1.1x slower for fc1's GELU)
   __attribute__((noinline)) void run(int rows) {
     for (; rows > 0 && done < count; --rows, ++done) epilogue_rows(*epilogue, y, N, m0 + done, n0, width, 1);
   }
   void slice() {
-    if (done < count) run(per_slice);
+    if (done < count && ++slot > 0) {
+      const int due = static_cast<int>(std::min<int64_t>((slot * count + slots - 1) / slots, count));
+      if (due > done) run(due - done);
+    }
   }
   void finish() { run(count - done); }
 };
@@ -232,7 +243,7 @@ void convert_panel(const float *w, int64_t K, int64_t N, int64_t k0, int64_t ste
 // product waits for its loads. So each load is issued as soon as its tile's last product is, with two
 // products on the other tiles to run meanwhile.
 // The 32 x 32 sums over `steps` steps of two A strips (a0, a0 + a_strip) and two B strips (b0,
-// b0 + b_strip), from zero, into the C tiles; two slices of `pending`'s work per step.
+// b0 + b_strip), from zero, into the C tiles; kSlicesPerStep slices of `pending`'s work per step.
 inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t b_strip, int64_t steps,
                        Pending &pending) {
   const bf16 *a1 = a0 + a_strip, *b1 = b0 + b_strip;
@@ -256,6 +267,7 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
     _tile_dpbf16ps(3, 5, 7);
     _tile_loadd(7, bh1 + kMid, 64);
     // hi x mid
+    pending.slice();
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(2, 5, 6);
     _tile_loadd(6, bh + kLo, 64);
@@ -281,6 +293,7 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
     _tile_dpbf16ps(3, 5, 7);
     _tile_loadd(7, bh1, 64);
     // mid x hi
+    pending.slice();
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_loadd(4, ah + kLo, 64);
@@ -288,6 +301,7 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
     _tile_dpbf16ps(3, 5, 7);
     _tile_loadd(5, ah1 + kLo, 64);
     // lo x hi, then the next step's hi parts
+    pending.slice();
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (s + 1 < steps) _tile_loadd(4, ah + kNext, 64);
@@ -414,7 +428,7 @@ void columns_through(const float *x, const float *w, const float *w_up, const fl
             }
             store_sums(y, M, N, m0, n0 + j, s0 == 0, last ? bias : nullptr);
             if (last && (after.gelu || gated))
-              pending.start(after, y, N, m0, n0 + j, cols, rows, (gated ? 4 : 2) * chunk);
+              pending.start(after, y, N, m0, n0 + j, cols, rows, (gated ? 2 : 1) * kSlicesPerStep * chunk);
           }
       }
     }
@@ -466,12 +480,13 @@ void rows_through(const float *x, const float *w, const float *bias, const Epilo
         for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlock) {
           block_sums(a, a_strip, b + n0 / kTile * strip + s0 * kParts * kTileSize, strip, chunk, pending);
           store_sums(y, M, N, m0, n0, s0 == 0, last ? bias : nullptr);
-          if (last && epilogue.gelu) pending.start(epilogue, y, N, m0, n0, std::min(kBlock, N - n0), rows, 2 * chunk);
+          if (last && epilogue.gelu)
+            pending.start(epilogue, y, N, m0, n0, std::min(kBlock, N - n0), rows, kSlicesPerStep * chunk);
         }
       }
       // the rows are whole (unless shared): their LayerNorm runs under the next row block's products
       if (epilogue.residual != nullptr && n_begin == 0 && n_end == Np)
-        pending.start(epilogue, y, N, m0, 0, N, rows, 2 * steps * column_blocks);
+        pending.start(epilogue, y, N, m0, 0, N, rows, kSlicesPerStep * steps * column_blocks);
     }
     pending.finish();
     _tile_release();
