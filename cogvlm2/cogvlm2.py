@@ -20,6 +20,8 @@ Two graphs are compiled (GRAPH_MODE by default), each once, and decode graphs on
   kernel; one graph with ops.MatMul serves a single sequence, another with the rows kernel (when
   ``decode_matmul`` gives it) 2-16 sequences, as for ``decode_step``. These have static shapes,
   compiled once per padded batch size (1, 2, 4, 8, ...) and cache shape.
+With ``kernel_threads`` pinned (auto on CPU) MindSpore's CPU kernel threads, which every graph's kernels run
+on, are pinned one to a CPU (``cogvlm2_cpu_kernels.set_kernel_threads``).
 
 The Python methods (``__call__``, ``encode_video``, ``run_step``, ``run_slot_step``) prepare numpy
 inputs and call them.
@@ -42,9 +44,9 @@ from cogvlm2.cogvlm2_llm import CogVLM2Model, DecoderKernels
 from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_gated_op, amx_linear_gelu_op, amx_linear_norm_add_op,
                                          amx_linear_op, amx_matmul_op, decode_attention_op, gelu_op, layer_norm_op,
                                          patchify_op, prefill_attention_op, resolve_decode_matmul,
-                                         resolve_decoder_kernels, resolve_gemm, resolve_kv_cache,
-                                         resolve_vision_kernels, rms_norm_op, rows_matmul_op, silu_mul_op,
-                                         vision_attention_op)
+                                         resolve_decoder_kernels, resolve_gemm, resolve_kernel_threads,
+                                         resolve_kv_cache, resolve_vision_kernels, rms_norm_op, rows_matmul_op,
+                                         set_kernel_threads, silu_mul_op, vision_attention_op)
 from cogvlm2.cogvlm2_vision import VisionKernels
 from cogvlm2.cogvlm2_token_types import VISION_TOKEN_TYPE, build_position_ids, causal_bias, vision_expert_mask
 from cogvlm2 import cogvlm2_weights as weights
@@ -123,6 +125,7 @@ class CogVLM2ForVideo(PreTrainedModel):
         self.config = config
         if compile_graphs:
             _check_device_dtype(config)
+            _pin_kernel_threads(config)
         # the product of the vision tower, the adapter and the step graph (prefill) as gemm resolves
         gemm = _gemm(config) if compile_graphs else None
         decoder = compile_graphs and _decoder_kernels_fused(config)
@@ -386,6 +389,15 @@ def _vision_kernels(config, matmul) -> VisionKernels:
                              attention=vision_attention_op(config.vision_config.num_heads), matmul=matmul,
                              silu_mul=silu_mul_op(), **amx)
     return VisionKernels(matmul=matmul, **amx)
+
+
+def _pin_kernel_threads(config):
+    """``kernel_threads`` as it resolves: MindSpore's CPU kernel threads pinned one to a CPU (process-wide,
+    from the next kernel call), or given back every CPU if this config says free where the kernels run."""
+    device = ms.get_context("device_target")
+    pinned = resolve_kernel_threads(config.kernel_threads, device, config.compute_dtype) == "pinned"
+    if pinned or (config.kernel_threads == "free" and device == "CPU" and config.compute_dtype == "float32"):
+        set_kernel_threads(pinned)
 
 
 def _check_device_dtype(config):

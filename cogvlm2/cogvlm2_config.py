@@ -11,8 +11,8 @@ from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
-from cogvlm2.cogvlm2_cpu_kernels import (DECODE_MATMUL_CHOICES, GEMM_CHOICES, KV_CACHE_CHOICES,
-                                         DECODER_KERNELS_CHOICES, VISION_KERNELS_CHOICES)
+from cogvlm2.cogvlm2_cpu_kernels import (DECODE_MATMUL_CHOICES, GEMM_CHOICES, KERNEL_THREADS_CHOICES,
+                                         KV_CACHE_CHOICES, DECODER_KERNELS_CHOICES, VISION_KERNELS_CHOICES)
 
 __all__ = ["CogVLM2Config", "CogVLM2VisionConfig", "CogVLM2ConfigError"]  # the error: re-exported
 
@@ -108,6 +108,7 @@ class CogVLM2Config(PretrainedConfig):
                  vision_kernels: str = "auto",
                  decoder_kernels: str = "auto",
                  gemm: str = "auto",
+                 kernel_threads: str = "auto",
                  **kwargs):
         # mindformers YAML spellings of the same values
         num_hidden_layers = kwargs.pop("num_layers", num_hidden_layers)
@@ -178,6 +179,11 @@ class CogVLM2Config(PretrainedConfig):
         # AMX-BF16, e.g. Xeon Sapphire Rapids); "onednn" = ops.MatMul (every backend); "auto" = amx where
         # the CPU and Linux allow it and the kernels build, onednn elsewhere.
         self.gemm = gemm
+        # MindSpore's CPU kernel threads: "pinned" = one to a CPU of the process from the first kernel
+        # call (left to the scheduler, two shared one CPU in 30-48% of the bench tower's encodes, 1.25-1.6x
+        # slower; cogvlm2_cpu_kernels.set_kernel_threads, float32 CPU, process-wide); "free" = left to the
+        # scheduler (every backend); "auto" = pinned on CPU if the kernels build, free elsewhere.
+        self.kernel_threads = kernel_threads
         self.validate()
 
     # ----- derived sizes -------------------------------------------------------------------------
@@ -239,6 +245,8 @@ class CogVLM2Config(PretrainedConfig):
             (self.decoder_kernels in DECODER_KERNELS_CHOICES,
              f"decoder_kernels {self.decoder_kernels!r} must be one of {list(DECODER_KERNELS_CHOICES)}"),
             (self.gemm in GEMM_CHOICES, f"gemm {self.gemm!r} must be one of {list(GEMM_CHOICES)}"),
+            (self.kernel_threads in KERNEL_THREADS_CHOICES,
+             f"kernel_threads {self.kernel_threads!r} must be one of {list(KERNEL_THREADS_CHOICES)}"),
             (self.expert_set in ("language", "vision_language"),
              f"expert_set {self.expert_set!r} must be 'language' (video model) or 'vision_language' (image model)"),
         ]

@@ -64,23 +64,25 @@ from mindspore.ops import CustomRegOp, DataType
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
 __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES", "ROWS_PER_PASS",
-           "GEMM_CHOICES", "DECODER_KERNELS_CHOICES", "resolve_decode_matmul", "resolve_kv_cache",
-           "resolve_vision_kernels", "resolve_decoder_kernels", "resolve_gemm", "rows_matmul_op",
+           "GEMM_CHOICES", "DECODER_KERNELS_CHOICES", "KERNEL_THREADS_CHOICES", "resolve_decode_matmul",
+           "resolve_kv_cache", "resolve_vision_kernels", "resolve_decoder_kernels", "resolve_gemm",
+           "resolve_kernel_threads", "set_kernel_threads", "pinned_kernel_threads", "rows_matmul_op",
            "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
            "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op", "amx_linear_gelu_op",
-           "amx_linear_norm_add_op", "patchify_op", "amx_available", "build_library"]
+           "amx_linear_norm_add_op", "amx_gated_op", "patchify_op", "amx_available", "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
 VISION_KERNELS_CHOICES = ("auto", "ops", "fused")
 GEMM_CHOICES = ("auto", "onednn", "amx")
 DECODER_KERNELS_CHOICES = ("auto", "ops", "fused")
+KERNEL_THREADS_CHOICES = ("auto", "pinned", "free")
 ROWS_PER_PASS = 16          # rows the kernel keeps in registers per pass over the weight (kMaxRows)
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCES = tuple(os.path.join(KERNELS, name)
                 for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
                              "vision_attention.cc", "prefill_attention.cc", "rms_norm.cc", "silu_mul.cc",
-                             "amx_matmul.cc", "patchify.cc"))
+                             "amx_matmul.cc", "patchify.cc", "kernel_threads.cc"))
 HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h", "gelu.h",
                                                                "layer_norm.h", "silu.h"))
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
@@ -88,8 +90,8 @@ HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attent
 # threads that sleep on a condition variable between calls, so nothing spins beside MindSpore's pool.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 LIBS = ("-ldl",)      # dlopen/dlsym: the kernels find MindSpore's thread pool at run time (cpu_common.h)
-FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops "
-       "and gemm: onednn to run without it")
+FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops, "
+       "gemm: onednn and kernel_threads: free to run without it")
 
 _logger = logging.getLogger(__name__)
 _ops = {}
@@ -434,6 +436,26 @@ def resolve_gemm(choice: str, device_target: str, compute_dtype: str = "float32"
     if choice == "auto" and "amx_bf16" not in _cpu_flags().split():
         return "onednn"
     return _resolve("gemm", choice, GEMM_CHOICES, "amx", "onednn", _build_amx, device_target, compute_dtype)
+
+
+def resolve_kernel_threads(choice: str, device_target: str, compute_dtype: str = "float32") -> str:
+    """The config value -> "pinned" (MindSpore's CPU kernel threads one to a CPU, ``set_kernel_threads``) or
+    "free" (left to the scheduler, as MindSpore leaves them)."""
+    return _resolve("kernel_threads", choice, KERNEL_THREADS_CHOICES, "pinned", "free", build_library,
+                    device_target, compute_dtype)
+
+
+def set_kernel_threads(pinned: bool) -> None:
+    """Pin MindSpore's CPU kernel threads (ActorThread_*, KernelThread_*, the pool the kernels run on) one to
+    a CPU of the process at the next kernel call, or give them back every CPU (``kernel_threads.cc``);
+    process-wide. Left to the scheduler, the bench tower's two threads shared one CPU in 30-48% of its
+    encodes (1.25-1.6x slower); pinned, 2-3%. With more such threads than CPUs they stay unpinned."""
+    ctypes.CDLL(build_library()).SetKernelThreadsPinned(int(bool(pinned)))
+
+
+def pinned_kernel_threads() -> int:
+    """How many of MindSpore's kernel threads the last change pinned (0: none, or unpinned)."""
+    return int(ctypes.CDLL(build_library()).PinnedKernelThreads())
 
 
 def _build_amx():

@@ -17,8 +17,9 @@ from cogvlm2.cogvlm2_cpu_kernels import (amx_available, amx_gated_op, amx_linear
                                          amx_linear_op,
                                          amx_matmul_op, decode_attention_op, gelu_op, patchify_op,
                                          layer_norm_op, prefill_attention_op, resolve_decode_matmul, resolve_gemm,
-                                         resolve_kv_cache, resolve_decoder_kernels, resolve_vision_kernels,
-                                         rms_norm_op, rows_matmul_op, silu_mul_op, vision_attention_op)
+                                         resolve_kv_cache, resolve_decoder_kernels, resolve_kernel_threads,
+                                         resolve_vision_kernels, rms_norm_op, rows_matmul_op, set_kernel_threads,
+                                         pinned_kernel_threads, silu_mul_op, vision_attention_op)
 from cogvlm2.cogvlm2_layers import RMSNorm, attention, grouped_bias
 from cogvlm2.cogvlm2_token_types import causal_bias
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, ContextLengthError
@@ -502,7 +503,9 @@ def test_gemm_choice_is_checked_and_follows_the_cpu(monkeypatch):
                                                            (resolve_kv_cache, "kv_cache", "slots", "concat"),
                                                            (resolve_vision_kernels, "vision_kernels", "fused", "ops"),
                                                            (resolve_decoder_kernels, "decoder_kernels", "fused",
-                                                            "ops")])
+                                                            "ops"),
+                                                           (resolve_kernel_threads, "kernel_threads", "pinned",
+                                                            "free")])
 def test_unknown_choice_and_device_are_one_clear_error(resolve, key, kernel, portable):
     with pytest.raises(CogVLM2ConfigError, match=f"{key} 'fast' must be one of"):
         resolve("fast", "CPU")
@@ -511,6 +514,47 @@ def test_unknown_choice_and_device_are_one_clear_error(resolve, key, kernel, por
     assert resolve("auto", "Ascend", "bfloat16") == portable
     assert resolve(portable, "CPU") == portable
     assert resolve("auto", "CPU") == kernel
+
+
+def kernel_thread_cpus():
+    """{name: allowed CPUs} of this process's threads named ActorThread_* / KernelThread_* (MindSpore's CPU
+    kernel pool)."""
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith(("ActorThread_", "KernelThread_")):
+                found[name] = os.sched_getaffinity(int(tid))
+        except OSError:                      # the thread ended
+            pass
+    return found
+
+
+def test_kernel_threads_pinned_one_to_a_cpu_and_freed_again():
+    """set_kernel_threads(True): at the next kernel call MindSpore's kernel threads each get one CPU of the
+    process, all different (when they fit); set_kernel_threads(False): every CPU of the process again."""
+    cell = Apply(gelu_op())
+    x = Tensor(np.linspace(-3, 3, 1 << 17).astype(np.float32))            # 4 threads' worth of values
+    cell(x)                                                               # MindSpore's pool exists now
+    allowed = os.sched_getaffinity(0)
+    try:
+        set_kernel_threads(True)
+        cell(x)
+        pinned = kernel_thread_cpus()
+        assert pinned, "no ActorThread_* / KernelThread_* threads: MindSpore's pool is named differently"
+        if len(pinned) <= len(allowed):
+            assert pinned_kernel_threads() == len(pinned)
+            assert all(len(cpus) == 1 and cpus <= allowed for cpus in pinned.values()), pinned
+            assert len(set.union(*pinned.values())) == len(pinned), pinned       # all different
+        else:
+            assert pinned_kernel_threads() == 0 and all(cpus == allowed for cpus in pinned.values())
+    finally:
+        set_kernel_threads(False)
+        cell(x)
+    assert pinned_kernel_threads() == 0
+    assert all(cpus == allowed for cpus in kernel_thread_cpus().values())
+    assert os.sched_getaffinity(0) == allowed                             # the calling thread untouched
 
 
 def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
@@ -522,7 +566,8 @@ def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
         kernels_module.build_library()
     message = str(info.value)
     assert "\n" not in message and "rows_matmul.cc" in message
-    assert "decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops and gemm: onednn" in message
+    assert ("decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops, gemm: onednn and "
+            "kernel_threads: free") in message
     assert not any(name.endswith(".so") or ".tmp" in name for name in os.listdir(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(CogVLM2ConfigError, match="'no-such-compiler-xyz' is not on PATH"):

@@ -2,13 +2,18 @@
 // the SIMD vector types, the vectorised exp, and the threads they run on.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <sched.h>
 #include <unistd.h>
@@ -74,11 +79,82 @@ inline bool is_float32(const char *dtype) {
   return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0;
 }
 
+// The CPUs the process may run on: the main thread's (tid = pid) affinity, which pinning leaves alone.
+inline bool process_cpus(cpu_set_t *set) { return sched_getaffinity(getpid(), sizeof(*set), set) == 0; }
+
 inline int cpu_count() {
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  if (!process_cpus(&set)) return 1;
   return std::max(1, CPU_COUNT(&set));
 }
+
+// MindSpore's CPU kernel threads (ActorThread_N, KernelThread_N in mindspore 2.7.2: the pool the kernels
+// hand their work to, MindSporePool below) pinned one to a CPU of the process, or left to the scheduler.
+// Left to it, the bench tower's two threads shared one CPU for whole encodes: 30-48% of the encodes
+// 1.25-1.6x slower than the best (one process, 60 encodes each way, alternating); pinned, 2-3%.
+// `request` (kernel_threads.cc, from the config's kernel_threads) takes effect at the next hand-over;
+// with more such threads than CPUs they stay unpinned (two on one CPU is what pinning avoids).
+class KernelThreads {
+ public:
+  static KernelThreads &get() {
+    static KernelThreads threads;
+    return threads;
+  }
+  void request(bool pinned) { wanted_.store(pinned ? 1 : 0); }
+  int pinned() const { return pinned_.load(); }   // threads the last change pinned
+  void apply() {
+    const int wanted = wanted_.load(std::memory_order_relaxed);
+    if (wanted == applied_.load(std::memory_order_relaxed)) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (wanted == applied_.load()) return;
+    cpu_set_t allowed;
+    if (!process_cpus(&allowed)) return;
+    std::vector<int> cpus;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+      if (CPU_ISSET(cpu, &allowed)) cpus.push_back(cpu);
+    const std::vector<pid_t> threads = pool_threads();
+    const bool pin = wanted == 1 && threads.size() <= cpus.size();
+    int count = 0;
+    for (size_t i = 0; i < threads.size(); ++i) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpus[i % cpus.size()], &one);
+      if (sched_setaffinity(threads[i], sizeof(cpu_set_t), pin ? &one : &allowed) == 0 && pin) ++count;
+    }
+    pinned_.store(count);
+    applied_.store(wanted);
+  }
+
+ private:
+  // this process's threads named ActorThread_* or KernelThread_*, the actor threads first
+  static std::vector<pid_t> pool_threads() {
+    std::vector<std::pair<std::string, pid_t>> found;
+    DIR *tasks = opendir("/proc/self/task");
+    if (tasks == nullptr) return {};
+    while (const dirent *entry = readdir(tasks)) {
+      const pid_t tid = static_cast<pid_t>(std::atoi(entry->d_name));
+      if (tid <= 0) continue;
+      char path[64], name[32] = {};
+      std::snprintf(path, sizeof(path), "/proc/self/task/%d/comm", static_cast<int>(tid));
+      if (FILE *comm = std::fopen(path, "r")) {
+        if (std::fgets(name, sizeof(name), comm) != nullptr) {
+          std::string thread(name);
+          if (!thread.empty() && thread.back() == '\n') thread.pop_back();
+          if (thread.rfind("ActorThread_", 0) == 0 || thread.rfind("KernelThread_", 0) == 0)
+            found.emplace_back(thread, tid);
+        }
+        std::fclose(comm);
+      }
+    }
+    closedir(tasks);
+    std::sort(found.begin(), found.end());
+    std::vector<pid_t> threads;
+    for (const auto &entry : found) threads.push_back(entry.second);
+    return threads;
+  }
+  std::atomic<int> wanted_{-1}, applied_{-1}, pinned_{0};   // -1: never asked, nothing done
+  std::mutex mutex_;
+};
 
 // Worker threads that live for the process and sleep on a condition variable between calls (no
 // spinning beside MindSpore's own pool; a thread started per call cost ~0.3 ms per product in page
@@ -166,6 +242,7 @@ class MindSporePool {
   bool Run(int n, const std::function<void(int)> &fn) const {
     void *threads = get_pool_();
     if (threads == nullptr) return false;
+    KernelThreads::get().apply();
     const Task task = [&fn](void *, int t, float, float) {
       fn(t);
       return 0;
