@@ -182,7 +182,8 @@ class CogVLM2Config(PretrainedConfig):
         # MindSpore's CPU kernel threads: "pinned" = one to a CPU of the process from the first kernel
         # call (left to the scheduler, two shared one CPU in 30-48% of the bench tower's encodes, 1.25-1.6x
         # slower; cogvlm2_cpu_kernels.set_kernel_threads, float32 CPU, process-wide); "free" = left to the
-        # scheduler (every backend); "auto" = pinned on CPU if the kernels build, free elsewhere.
+        # scheduler (every backend); "auto" = pinned on CPU if the kernels build, free elsewhere. Only a
+        # pool with as many threads as the process has CPUs is pinned.
         self.kernel_threads = kernel_threads
         self.validate()
 

@@ -449,7 +449,8 @@ def set_kernel_threads(pinned: bool) -> None:
     """Pin MindSpore's CPU kernel threads (ActorThread_*, KernelThread_*, the pool the kernels run on) one to
     a CPU of the process at the next kernel call, or give them back every CPU (``kernel_threads.cc``);
     process-wide. Left to the scheduler, the bench tower's two threads shared one CPU in 30-48% of its
-    encodes (1.25-1.6x slower); pinned, 2-3%. With more such threads than CPUs they stay unpinned."""
+    encodes (1.25-1.6x slower); pinned, 2-3%. Only a pool with as many threads as the process has CPUs is
+    pinned (with more, two would share one; with fewer, every worker process would pin to the same CPUs)."""
     ctypes.CDLL(build_library()).SetKernelThreadsPinned(int(bool(pinned)))
 
 

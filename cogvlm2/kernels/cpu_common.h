@@ -92,8 +92,10 @@ inline int cpu_count() {
 // hand their work to, MindSporePool below) pinned one to a CPU of the process, or left to the scheduler.
 // Left to it, the bench tower's two threads shared one CPU for whole encodes: 30-48% of the encodes
 // 1.25-1.6x slower than the best (one process, 60 encodes each way, alternating); pinned, 2-3%.
-// `request` (kernel_threads.cc, from the config's kernel_threads) takes effect at the next hand-over;
-// with more such threads than CPUs they stay unpinned (two on one CPU is what pinning avoids).
+// `request` (kernel_threads.cc, from the config's kernel_threads) takes effect at the next hand-over.
+// Only a pool with as many threads as the process has CPUs is pinned: with more, two would share a CPU
+// (what pinning avoids); with fewer, every process (data-parallel workers) would pin its threads to the
+// same first CPUs of the machine while the others idle.
 class KernelThreads {
  public:
   static KernelThreads &get() {
@@ -113,7 +115,7 @@ class KernelThreads {
     for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
       if (CPU_ISSET(cpu, &allowed)) cpus.push_back(cpu);
     const std::vector<pid_t> threads = pool_threads();
-    const bool pin = wanted == 1 && threads.size() <= cpus.size();
+    const bool pin = wanted == 1 && threads.size() == cpus.size();
     int count = 0;
     for (size_t i = 0; i < threads.size(); ++i) {
       cpu_set_t one;

@@ -6,5 +6,5 @@
 // the process.
 extern "C" void SetKernelThreadsPinned(int pinned) { cogvlm2::KernelThreads::get().request(pinned != 0); }
 
-// How many threads the last change pinned (0 after unpinning, or when there were more threads than CPUs).
+// How many threads the last change pinned (0 after unpinning, or when they were not as many as the CPUs).
 extern "C" int PinnedKernelThreads() { return cogvlm2::KernelThreads::get().pinned(); }
