@@ -503,9 +503,9 @@ void rows_through(const float *x, const float *w, const float *bias, const Epilo
     const size_t block_values = static_cast<size_t>(kBlock / kTile * std::min(steps, kChunk) * kParts * kTileSize);
     bf16 *a = a_buffer.grown(2 * block_values), *a_next = a + block_values;   // this block of x, the next
     // the next block of x is split under this one's tile products where w's parts and both blocks stay in
-    // L2 (qkv, dense, fc1 of the bench tower: 1.05-1.1x for qkv through ctypes); fc2's 1.5 MiB of w
-    // parts beside two 192 KiB blocks were pushed out (0.93-0.95x), so there the next block is split
-    // after this one's products, into the same buffer
+    // L2 (qkv and dense of the bench tower: 1.05-1.1x for qkv through ctypes); beside fc1's and fc2's
+    // 1.5 MiB of w parts they do not (fc2 ahead: 0.93-0.95x), so there the next block is split after this
+    // one's products, into the same buffer
     const bool ahead = (Np / kTile * strip + 2 * static_cast<int64_t>(block_values)) * int64_t{sizeof(bf16)} <=
                        l2_bytes() * 3 / 4;
     Background work;                  // a block's GELU, or a row block's residual + LayerNorm; the next x
@@ -538,7 +538,7 @@ void rows_through(const float *x, const float *w, const float *bias, const Epilo
           work.ahead.finish();
           std::swap(a, a_next);
         } else if (next_block < end) {
-          for (int i = 0; i < static_cast<int>(kBlock); ++i) next(i);
+          convert_rows(x, M, K, next.k0, next.steps, next.m0, next.m0 + kBlock, a);
         }
       }
       // the rows are whole (unless shared): their LayerNorm runs under the next row block's products
