@@ -16,6 +16,12 @@ With ``--peer`` and the official PyTorch implementation present at ``REPO/../sha
 config, same video, same machine), every round runs our figures and then the peer's
 ``bench_generate_peer.py`` as a subprocess, so load drift from other jobs cancels in the ratios; the
 table shows both columns and the ratio. Without that directory only our column is printed.
+
+Both sides' figures start ``--settle`` seconds (1.5) after the last child process exited: ours after the
+previous round's peer, the peer's after this round's bandwidth and GEMM probes; our figures come before the
+probes. On this VM a process that has just freed GBs leaves the machine slower for about a second
+(measured: our vision encode 97-134 ms for 3-4 encodes after a child allocated and freed 1.3 GB, against
+65 ms; 64-65 ms after a 1.5 s pause, past the first call). Ours used to start 0.25 s after the peer's exit.
 """
 import argparse
 import json
@@ -47,6 +53,9 @@ def parse_args():
     parser.add_argument("--bandwidth-bytes", type=int, help=argparse.SUPPRESS)   # child: print GB/s, exit
     parser.add_argument("--peer", action="store_true",
                         help=f"interleave runs of the official implementation ({PEER_DIR}) and print ratios")
+    parser.add_argument("--settle", type=float, default=1.5,
+                        help="seconds each round waits before our figures, after the previous round's child "
+                             "processes exited (0: none)")
     return parser.parse_args()
 
 
@@ -254,15 +263,16 @@ def main():
     ours = {k: [] for k in ("preprocess", "vision", "prefill", "decode", "bandwidth", "sgemm", "peer_sgemm")}
     peers = []
     for _ in range(runs):
+        time.sleep(args.settle)      # the last round's children freed GBs: see the module docstring
         ours["preprocess"].append(timed(lambda: processor(text=args.prompt, video=args.video))[0])
         ours["vision"].append(timed_again(lambda: model.encode_video(pixels).asnumpy()))
         ours["prefill"].append(timed_again(prefill))
+        ours["decode"].append(decode_rate(model, inputs, args.new_tokens, pixels))
         ours["bandwidth"].append(measure_bandwidth(step_bytes))
         ours["sgemm"].append(sgemm_gflops(sys.executable))
         if python:
             ours["peer_sgemm"].append(sgemm_gflops(python))
-        ours["decode"].append(decode_rate(model, inputs, args.new_tokens, pixels))
-        if python:
+            time.sleep(args.settle)  # the same pause before the peer's figures, after our probes exited
             peers.append(run_peer(python, args.video, args.new_tokens))
     med = {k: statistics.median(v) for k, v in ours.items() if v}
     compile_s = first_prefill - med["prefill"] + first_vision - med["vision"]
