@@ -59,19 +59,13 @@ def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
     from cogvlm2.cogvlm2_layers import Linear
     from cogvlm2.cogvlm2_vision import GLU, MLP, Conv2d, PatchEmbedding, TransformerLayer
     model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path, **overrides))
+    taken_off = [("bias", Linear, "biased"), ("epilogues", MLP, "linear_gelu"),
+                 ("epilogues", TransformerLayer, "linear_norm_add"), ("epilogues", GLU, "gated"),
+                 ("conv", PatchEmbedding, "patchify"), ("conv", Conv2d, "linear")]   # (choice, cell, kernel)
     for _, cell in model.cells_and_names():
-        if "bias" in apart and isinstance(cell, Linear):
-            cell.biased = None
-        if "epilogues" in apart and isinstance(cell, MLP):
-            cell.linear_gelu = None
-        if "epilogues" in apart and isinstance(cell, TransformerLayer):
-            cell.linear_norm_add = None
-        if "epilogues" in apart and isinstance(cell, GLU):
-            cell.gated = None
-        if "conv" in apart and isinstance(cell, PatchEmbedding):
-            cell.patchify = None
-        if "conv" in apart and isinstance(cell, Conv2d):
-            cell.linear = None
+        for choice, kind, kernel in taken_off:
+            if choice in apart and isinstance(cell, kind):
+                setattr(cell, kernel, None)
     rng = np.random.default_rng(seed)
     for name, param in model.parameters_and_names():
         if name.startswith("model.vision."):

@@ -258,6 +258,28 @@ def test_amx_gated_is_the_products_and_silu_mul_in_turn(k, n):
             np.abs(fused - exact).max()
 
 
+def check_fused_against_portable(build, fused_kernels, wrap, shape, seed):
+    """``build(kernels)`` with ``VisionKernels()`` and with ``fused_kernels``, the same random weights (norm
+    weights around 1), gives the same output on a random x of ``shape`` within 1e-5 of its largest value,
+    as built and with ``wrap(cell)`` wrapping some of its Linears in LoRA layers."""
+    from cogvlm2.cogvlm2_vision import VisionKernels
+    rng = np.random.default_rng(seed)
+    x = Tensor(rng.standard_normal(shape).astype(np.float32))
+    for lora in (False, True):
+        cells = [build(kernels) for kernels in (VisionKernels(), fused_kernels)]
+        values = {}
+        for cell in cells:
+            if lora:
+                wrap(cell)
+            for name, param in cell.parameters_and_names():
+                if name not in values:
+                    values[name] = (rng.standard_normal(param.shape) * 0.05 + ("weight" in name and "norm" in name)
+                                    ).astype(np.float32)
+                param.set_data(Tensor(values[name]))
+        portable, fused = (cell(x).asnumpy() for cell in cells)
+        assert np.abs(fused - portable).max() <= 1e-5 * np.abs(portable).max(), (lora, np.abs(fused - portable).max())
+
+
 @needs_amx
 def test_fused_adapter_leaves_lora_layers_their_own_forward():
     """The adapter's GLU with the gated kernel gives the portable GLU's output, also with gate_proj wrapped
@@ -269,22 +291,11 @@ def test_fused_adapter_leaves_lora_layers_their_own_forward():
                                                        "bench_config.json"))
     fused_kernels = VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(), matmul=amx_matmul_op(),
                                   silu_mul=silu_mul_op(), gated=amx_gated_op())
-    rng = np.random.default_rng(8)
-    x = Tensor(rng.standard_normal((2, 33, config.vision_config.hidden_size)).astype(np.float32))
-    for lora in (False, True):
-        glus = [GLU(config, config.vision_config.hidden_size, ms.float32, kernels)
-                for kernels in (VisionKernels(), fused_kernels)]
-        values = {}
-        for glu in glus:
-            if lora:
-                glu.gate_proj = LoRALinear(glu.gate_proj, 4, 8, 0.0)
-            for name, param in glu.parameters_and_names():
-                if name not in values:
-                    values[name] = (rng.standard_normal(param.shape) * 0.05 + ("weight" in name and "norm" in name)
-                                    ).astype(np.float32)
-                param.set_data(Tensor(values[name]))
-        portable, fused = (glu(x).asnumpy() for glu in glus)
-        assert np.abs(fused - portable).max() <= 1e-5 * np.abs(portable).max(), (lora, np.abs(fused - portable).max())
+    def wrap(glu):
+        glu.gate_proj = LoRALinear(glu.gate_proj, 4, 8, 0.0)
+
+    check_fused_against_portable(lambda kernels: GLU(config, config.vision_config.hidden_size, ms.float32, kernels),
+                                 fused_kernels, wrap, (2, 33, config.vision_config.hidden_size), seed=8)
 
 
 @needs_amx
@@ -300,22 +311,12 @@ def test_fused_tower_layer_leaves_lora_layers_their_own_forward():
     fused_kernels = VisionKernels(gelu=gelu_op(), layer_norm=layer_norm_op(), matmul=amx_matmul_op(),
                                   linear=amx_linear_op(), linear_gelu=amx_linear_gelu_op(),
                                   linear_norm_add=amx_linear_norm_add_op())
-    rng = np.random.default_rng(7)
-    x = Tensor(rng.standard_normal((2, 37, config.hidden_size)).astype(np.float32))
-    for lora in (False, True):
-        layers = [TransformerLayer(config, ms.float32, kernels) for kernels in (VisionKernels(), fused_kernels)]
-        values = {}
-        for layer in layers:
-            if lora:
-                layer.mlp.fc1 = LoRALinear(layer.mlp.fc1, 4, 8, 0.0)
-                layer.attention.dense = LoRALinear(layer.attention.dense, 4, 8, 0.0)
-            for name, param in layer.parameters_and_names():
-                if name not in values:
-                    values[name] = (rng.standard_normal(param.shape) * 0.05 + ("weight" in name and "norm" in name)
-                                    ).astype(np.float32)
-                param.set_data(Tensor(values[name]))
-        portable, fused = (layer(x).asnumpy() for layer in layers)
-        assert np.abs(fused - portable).max() <= 1e-5 * np.abs(portable).max(), (lora, np.abs(fused - portable).max())
+    def wrap(layer):
+        layer.mlp.fc1 = LoRALinear(layer.mlp.fc1, 4, 8, 0.0)
+        layer.attention.dense = LoRALinear(layer.attention.dense, 4, 8, 0.0)
+
+    check_fused_against_portable(lambda kernels: TransformerLayer(config, ms.float32, kernels), fused_kernels, wrap,
+                                 (2, 37, config.hidden_size), seed=7)
 
 
 @needs_amx

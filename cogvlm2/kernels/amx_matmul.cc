@@ -421,12 +421,10 @@ void columns_through(const float *x, const float *w, const float *w_up, const fl
     _tile_loadconfig(&config);
     const size_t panel_values = static_cast<size_t>(panel_width / kTile * std::min(steps, kChunk) * kParts * kTileSize);
     bf16 *b = b_buffer.grown(panel_values), *b_up = gated ? up_buffer.grown(panel_values) : nullptr;
+    float *gate = gated ? gate_buffer.grown(static_cast<size_t>(Mp * panel_width)) : nullptr;
     Epilogue after = epilogue;                                // gated: silu of this thread's gate sums
-    if (gated) {
-      after.gate = gate_buffer.grown(static_cast<size_t>(Mp * panel_width));
-      after.gate_stride = panel_width;
-    }
-    float *gate = const_cast<float *>(after.gate);
+    after.gate = gate;
+    after.gate_stride = panel_width;
     Pending pending;                                          // a block's GELU or silu(gate) * up
     for (int64_t panel = t; panel < panels; panel += n) {
       const int64_t n0 = panel * panel_width, width = std::min(panel_width, round_up(N - n0, kBlock));
