@@ -36,6 +36,11 @@
   each fused kernel gives the bits of the kernels it replaces; differentiable (MindSpore ops).
   ``amx_gated_op()``: SwiGLU's gate and up products and ``silu_mul_op``'s step in one kernel, the same bits
   (the adapter's GLU); differentiable.
+- Linear weights kept in bfloat16 (``param_init_type: bfloat16`` on CPU) reach the kernels as their bit
+  patterns (uint16: MindSpore 2.7.2's CPU kernels have no bfloat16). ``rows_matmul_op`` and the AMX ops
+  also take w (w_gate, w_up) that way and widen each value exactly as they read it: the same bits as
+  float32 weights holding those values, half the bytes to read. ``widen_bf16_op()``: the bits -> float32,
+  for MindSpore's MatMul where no kernel reads them (``kernels/widen_bf16.cc``).
 - ``patchify_op()``: frames -> their non-overlapping p x p patches as rows (``kernels/patchify.cc``), so the
   tower's patch convolution (stride = kernel) runs as one AMX Linear; differentiable.
 - ``resolve_decode_matmul`` / ``resolve_kv_cache`` / ``resolve_vision_kernels`` /
@@ -69,7 +74,8 @@ __all__ = ["DECODE_MATMUL_CHOICES", "KV_CACHE_CHOICES", "VISION_KERNELS_CHOICES"
            "resolve_kernel_threads", "set_kernel_threads", "pinned_kernel_threads", "rows_matmul_op",
            "decode_attention_op", "gelu_op", "layer_norm_op", "vision_attention_op", "prefill_attention_op",
            "rms_norm_op", "silu_mul_op", "amx_matmul_op", "amx_linear_op", "amx_linear_gelu_op",
-           "amx_linear_norm_add_op", "amx_gated_op", "patchify_op", "amx_available", "build_library"]
+           "amx_linear_norm_add_op", "amx_gated_op", "patchify_op", "widen_bf16_op", "amx_available",
+           "build_library"]
 
 DECODE_MATMUL_CHOICES = ("auto", "onednn", "rows")
 KV_CACHE_CHOICES = ("auto", "concat", "slots")
@@ -82,7 +88,7 @@ KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCES = tuple(os.path.join(KERNELS, name)
                 for name in ("rows_matmul.cc", "decode_attention.cc", "gelu.cc", "layer_norm.cc",
                              "vision_attention.cc", "prefill_attention.cc", "rms_norm.cc", "silu_mul.cc",
-                             "amx_matmul.cc", "patchify.cc", "kernel_threads.cc"))
+                             "amx_matmul.cc", "patchify.cc", "kernel_threads.cc", "widen_bf16.cc"))
 HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attention_core.h", "gelu.h",
                                                                "layer_norm.h", "silu.h"))
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU flags).
@@ -91,7 +97,7 @@ HEADERS = tuple(os.path.join(KERNELS, name) for name in ("cpu_common.h", "attent
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 LIBS = ("-ldl",)      # dlopen/dlsym: the kernels find MindSpore's thread pool at run time (cpu_common.h)
 FIX = ("set model_config decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops, "
-       "gemm: onednn and kernel_threads: free to run without it")
+       "gemm: onednn, kernel_threads: free and param_init_type: float32 to run without it")
 
 _logger = logging.getLogger(__name__)
 _ops = {}
@@ -155,10 +161,11 @@ def build_library() -> str:
     return path
 
 
-def _custom(name: str, inputs, bprop=None, key=None):
+def _custom(name: str, inputs, bprop=None, key=None, weights=()):
     """The float32-output Custom primitive ``name`` of the library, built once per process (per ``key``
-    if given). ``inputs``: (name, DataType) pairs; ``bprop``: its gradient (inputs..., out, dout) -> one
-    gradient per input.
+    if given). ``inputs``: (name, DataType) pairs; ``weights``: the names among them that may also be
+    bfloat16 bit patterns (uint16), a second dtype format; ``bprop``: its gradient (inputs..., out, dout) ->
+    one gradient per input (float32 weights only: the bfloat16 ones are for inference).
     Output shapes come from the library's ``<name>InferShape``, which the dynamic-shape runtime needs
     (a Python out_shape fails there with "The prim is not a PrimitivePy"); reg_info names the op, which
     that runtime looks the op up by (without it: "The pointer[value] is null")."""
@@ -168,16 +175,20 @@ def _custom(name: str, inputs, bprop=None, key=None):
         reg = CustomRegOp(name)
         for index, (input_name, _) in enumerate(inputs):
             reg = reg.input(index, input_name)
-        formats = [dtype for _, dtype in inputs] + [DataType.F32_Default]
-        info = reg.output(0, "y").dtype_format(*formats).target("CPU").get_op_info()
+        reg = reg.output(0, "y").dtype_format(*[dtype for _, dtype in inputs], DataType.F32_Default)
+        if weights:
+            reg = reg.dtype_format(*[DataType.U16_Default if input_name in weights else dtype
+                                     for input_name, dtype in inputs], DataType.F32_Default)
+        info = reg.target("CPU").get_op_info()
         _ops[key] = ops.Custom(f"{library}:{name}", out_shape=None, out_dtype=ms.float32,
                                func_type="aot", bprop=bprop, reg_info=info)
     return _ops[key]
 
 
 def rows_matmul_op():
-    """``(x (M, K), w (K, N)) -> (M, N)`` float32, dynamic shapes (``kernels/rows_matmul.cc``)."""
-    return _custom("RowsMatMul", [("x", DataType.F32_Default), ("w", DataType.F32_Default)])
+    """``(x (M, K), w (K, N)) -> (M, N)`` float32 (w float32 or bfloat16 bits), dynamic shapes
+    (``kernels/rows_matmul.cc``)."""
+    return _custom("RowsMatMul", [("x", DataType.F32_Default), ("w", DataType.F32_Default)], weights=("w",))
 
 
 def decode_attention_op():
@@ -238,7 +249,7 @@ def amx_matmul_op():
     """``(x (M, K), w (K, N)) -> (M, N)`` float32 on the AMX tile unit, float32 accuracy, dynamic shapes
     (``kernels/amx_matmul.cc``); differentiable in x and w. Only where ``amx_available()``."""
     f32 = DataType.F32_Default
-    return _custom("AmxMatMul", [("x", f32), ("w", f32)], _matmul_bprop)
+    return _custom("AmxMatMul", [("x", f32), ("w", f32)], _matmul_bprop, weights=("w",))
 
 
 def amx_linear_op():
@@ -246,7 +257,7 @@ def amx_linear_op():
     added as the sums are stored, one kernel instead of a product and a BiasAdd (``kernels/amx_matmul.cc``);
     differentiable in x, w and bias. Only where ``amx_available()``."""
     f32 = DataType.F32_Default
-    return _custom("AmxLinear", [("x", f32), ("w", f32), ("bias", f32)], _linear_bprop)
+    return _custom("AmxLinear", [("x", f32), ("w", f32), ("bias", f32)], _linear_bprop, weights=("w",))
 
 
 def amx_linear_gelu_op():
@@ -254,7 +265,7 @@ def amx_linear_gelu_op():
     ``gelu_op`` in one kernel, the same bits (``kernels/amx_matmul.cc``); differentiable in x, w and bias.
     Only where ``amx_available()``."""
     f32 = DataType.F32_Default
-    return _custom("AmxLinearGelu", [("x", f32), ("w", f32), ("bias", f32)], _linear_gelu_bprop)
+    return _custom("AmxLinearGelu", [("x", f32), ("w", f32), ("bias", f32)], _linear_gelu_bprop, weights=("w",))
 
 
 def amx_linear_norm_add_op():
@@ -265,7 +276,7 @@ def amx_linear_norm_add_op():
     f32 = DataType.F32_Default
     return _custom("AmxLinearNormAdd", [("x", f32), ("w", f32), ("bias", f32), ("norm_weight", f32),
                                         ("norm_bias", f32), ("eps", f32), ("residual", f32)],
-                   _linear_norm_add_bprop)
+                   _linear_norm_add_bprop, weights=("w",))
 
 
 def amx_gated_op():
@@ -274,7 +285,8 @@ def amx_gated_op():
     product out (``kernels/amx_matmul.cc``); differentiable in x, w_gate and w_up. Only where
     ``amx_available()``."""
     f32 = DataType.F32_Default
-    return _custom("AmxGated", [("x", f32), ("w_gate", f32), ("w_up", f32)], _gated_bprop)
+    return _custom("AmxGated", [("x", f32), ("w_gate", f32), ("w_up", f32)], _gated_bprop,
+                   weights=("w_gate", "w_up"))
 
 
 def patchify_op():
@@ -284,6 +296,12 @@ def patchify_op():
     shape is inferred from shapes). Differentiable in images."""
     f32 = DataType.F32_Default
     return _custom("Patchify", [("images", f32), ("size", f32)], _patchify_bprop)
+
+
+def widen_bf16_op():
+    """``bits (any shape) uint16 -> float32``: the values of bfloat16 weights held as their bit patterns,
+    exact (``kernels/widen_bf16.cc``). No gradient: bfloat16 weights are for inference."""
+    return _custom("WidenBf16", [("bits", DataType.U16_Default)])
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,8 @@
 // y = x @ w in float32 on the AMX bf16 tile unit, to float32 accuracy ("bf16x3"): the products of
 // prefill and of the vision tower (products of fewer than 16 rows go to the rows kernel).
 //
-// x (M, K), w (K, N) (Linear's (in, out) layout), y (M, N), all float32 row-major.
+// x (M, K), w (K, N) (Linear's (in, out) layout), y (M, N), all float32 row-major; w may also be the bit
+// patterns of bfloat16 weights (uint16, cpu_common.h), widened exactly as they are split: the same bits.
 // A MindSpore "aot" Custom CPU kernel: AmxMatMul(nparam=3, params={x, w, y}, ...), and AmxLinear
 // (nparam=4, {x, w, bias (N,), y}) for y = x @ w + bias, the bias added as the last chunk's sums are
 // stored: a biased Linear in one kernel instead of a product and MindSpore's BiasAdd. Two more take the
@@ -79,6 +80,12 @@ struct Epilogue {
   const float *gate = nullptr;                         // y[m, n] *= silu(gate[m * gate_stride + n - gate_n0])
   int64_t gate_stride = 0, gate_n0 = 0;
   bool any() const { return gelu || residual != nullptr || gate != nullptr; }
+};
+
+// w (and w_up) as the op gets it: float32 values or bfloat16 bit patterns.
+struct Weights {
+  const void *data = nullptr;
+  bool bits = false;
 };
 
 constexpr int64_t kRowWorkPerThread = 1 << 14;   // values of a LayerNorm pass after a product per thread
@@ -234,12 +241,25 @@ struct Background {
   }
 };
 
+// 16 values of w from index `at` (lanes beyond `valid` zero), as float32
+inline __m512 load_w(const Weights &w, int64_t at, __mmask16 valid) {
+  if (w.bits) {
+    const __m256i bits = _mm256_maskz_loadu_epi16(valid, static_cast<const uint16_t *>(w.data) + at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  return _mm512_maskz_loadu_ps(valid, static_cast<const float *>(w.data) + at);
+}
+
+inline const char *address_w(const Weights &w, int64_t at) {
+  return static_cast<const char *>(w.data) + at * (w.bits ? int64_t{sizeof(uint16_t)} : int64_t{sizeof(float)});
+}
+
 // Rows [k0, k0 + 32 * steps) x columns [n0, n0 + width) of w -> b in 16-column strips (strip j at
 // b + j * steps * kParts * kTileSize), each tile row holding 16 columns' (k, k + 1) pairs. Columns
 // beyond N and rows beyond K are zeros.
 constexpr int64_t kAhead = 8;     // rows of w prefetched ahead
 
-void convert_panel(const float *w, int64_t K, int64_t N, int64_t k0, int64_t steps, int64_t n0, int64_t width,
+void convert_panel(const Weights &w, int64_t K, int64_t N, int64_t k0, int64_t steps, int64_t n0, int64_t width,
                    bf16 *b) {
   for (int64_t kp = 0; kp < steps * kTile; ++kp) {
     const int64_t k = k0 + 2 * kp;
@@ -247,12 +267,12 @@ void convert_panel(const float *w, int64_t K, int64_t N, int64_t k0, int64_t ste
     for (int64_t c = 0; c < width; c += 16) {
       // w is usually not in cache (other ops ran since its last use) and is read down its rows
       if (k + kAhead + 1 < K) {
-        _mm_prefetch(reinterpret_cast<const char *>(w + (k + kAhead) * N + n0 + c), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char *>(w + (k + kAhead + 1) * N + n0 + c), _MM_HINT_T0);
+        _mm_prefetch(address_w(w, (k + kAhead) * N + n0 + c), _MM_HINT_T0);
+        _mm_prefetch(address_w(w, (k + kAhead + 1) * N + n0 + c), _MM_HINT_T0);
       }
       const __mmask16 valid = lanes(N - n0 - c);
-      __m512 even = k < K ? _mm512_maskz_loadu_ps(valid, w + k * N + n0 + c) : _mm512_setzero_ps();
-      __m512 odd = k + 1 < K ? _mm512_maskz_loadu_ps(valid, w + (k + 1) * N + n0 + c) : _mm512_setzero_ps();
+      __m512 even = k < K ? load_w(w, k * N + n0 + c, valid) : _mm512_setzero_ps();
+      __m512 odd = k + 1 < K ? load_w(w, (k + 1) * N + n0 + c, valid) : _mm512_setzero_ps();
       bf16 *at = row + (c / 16) * steps * kParts * kTileSize;
       for (int p = 0; p < kParts; ++p) {
         const __m512i lo = _mm512_cvtepu16_epi32(take_part(even));
@@ -402,7 +422,7 @@ struct Buffer {
 // Gated (`w_up` given: y = silu(x @ w) * (x @ w_up)): panels of 64 columns of both, whose parts stay in L2
 // together; each block's gate sums go to a per-thread buffer of the panel's columns, the same block's up
 // sums to y, and on the last chunk of K the block's silu(gate) * up waits under the next blocks' products.
-void columns_through(const float *x, const float *w, const float *w_up, const float *bias, const Epilogue &epilogue,
+void columns_through(const float *x, const Weights &w, const Weights &w_up, const float *bias, const Epilogue &epilogue,
                      float *y, int64_t M, int64_t K, int64_t N, int64_t steps) {
   const int64_t Mp = round_up(M, kBlock), strip = steps * kParts * kTileSize;
   static thread_local Buffer<bf16> a_buffer;                        // x's parts
@@ -412,7 +432,7 @@ void columns_through(const float *x, const float *w, const float *w_up, const fl
     const int64_t r0 = row_strips * t / n * kTile, r1 = row_strips * (t + 1) / n * kTile;
     convert_rows(x, M, K, 0, steps, r0, r1, a + r0 / kTile * strip);
   });
-  const bool gated = w_up != nullptr;
+  const bool gated = w_up.data != nullptr;
   const int64_t panel_width = gated ? kPanel / 2 : kPanel, panels = (N + panel_width - 1) / panel_width;
   cogvlm2::parallel(panels, [&](int t, int n) {
     static thread_local Buffer<bf16> b_buffer, up_buffer;           // a panel of w's (and w_up's) parts
@@ -478,7 +498,7 @@ int64_t l2_bytes() {
 // blocks, converts each 32-row block of x it meets chunk by chunk of K and multiplies it by the block's
 // 32-column blocks. For the tall products (M > N, the vision tower's): x, the larger operand, is read
 // once instead of once per panel.
-void rows_through(const float *x, const float *w, const float *bias, const Epilogue &epilogue, float *y,
+void rows_through(const float *x, const Weights &w, const float *bias, const Epilogue &epilogue, float *y,
                   int64_t M, int64_t K, int64_t N, int64_t steps) {
   const int64_t Np = round_up(N, kBlock), strip = steps * kParts * kTileSize;
   static thread_local Buffer<bf16> b_buffer;                        // w's parts
@@ -559,7 +579,7 @@ void rows_through(const float *x, const float *w, const float *bias, const Epilo
 // blocks, which split unevenly over the threads.
 constexpr int64_t kMinRowsThrough = 8 * kBlock;
 
-void amx_matmul(const float *x, const float *w, const float *w_up, const float *bias, const Epilogue &epilogue,
+void amx_matmul(const float *x, const Weights &w, const Weights &w_up, const float *bias, const Epilogue &epilogue,
                 float *y, int64_t M, int64_t K, int64_t N) {
   const int64_t steps = round_up(K, kStep) / kStep;
   // Tall products whose w parts stay in L2 beside a block of x (the vision tower's, 1542 x 256 x 768 and
@@ -567,7 +587,7 @@ void amx_matmul(const float *x, const float *w, const float *w_up, const float *
   // parts beyond L2 (1575 x 1024 x 1024) they are 1.1x slower than through the columns.
   const int64_t w_parts_bytes = round_up(N, kBlock) * steps * kStep * kParts * int64_t{sizeof(bf16)};
   // Gated products go through the columns (SwiGLU's: 384-413 rows against 2816 columns at the bench config).
-  if (w_up == nullptr && N < M && M >= kMinRowsThrough && w_parts_bytes <= l2_bytes() * 3 / 4)
+  if (w_up.data == nullptr && N < M && M >= kMinRowsThrough && w_parts_bytes <= l2_bytes() * 3 / 4)
     rows_through(x, w, bias, epilogue, y, M, K, N, steps);
   else
     columns_through(x, w, w_up, bias, epilogue, y, M, K, N, steps);
@@ -598,12 +618,13 @@ constexpr int kParams[] = {3, 4, 4, 8, 4};
 int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                 void *extra) {
   if (nparam != kParams[op] || ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 1;
-  for (int i = 0; i < nparam; ++i)
-    if (!cogvlm2::is_float32(dtypes[i])) return 2;
+  const bool gated = op == kGated;
+  for (int i = 0; i < nparam; ++i)   // w (and w_up) float32 or bfloat16 bits, the rest float32
+    if (!cogvlm2::is_float32(dtypes[i]) && !((i == 1 || (gated && i == 2)) && cogvlm2::is_bf16_bits(dtypes[i])))
+      return 2;
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
   int64_t *out = shapes[nparam - 1];
   const auto vector_of = [&](int i, int64_t size) { return ndims[i] == 1 && shapes[i][0] == size; };
-  const bool gated = op == kGated;
   if (shapes[1][0] != K || out[0] != M || out[1] != N || (op != kProduct && !gated && !vector_of(2, N))) return 3;
   if (gated && (ndims[2] != 2 || shapes[2][0] != K || shapes[2][1] != N)) return 3;
   if (op == kLinearNormAdd && (!vector_of(3, N) || !vector_of(4, N) || !vector_of(5, 1) || ndims[6] != 2 ||
@@ -611,7 +632,8 @@ int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, 
     return 3;
   float *y = static_cast<float *>(params[nparam - 1]);
   const float *bias = op != kProduct && !gated ? static_cast<const float *>(params[2]) : nullptr;
-  const float *w_up = gated ? static_cast<const float *>(params[2]) : nullptr;
+  const Weights w{params[1], cogvlm2::is_bf16_bits(dtypes[1])};
+  const Weights w_up = gated ? Weights{params[2], cogvlm2::is_bf16_bits(dtypes[2])} : Weights{};
   Epilogue epilogue;
   epilogue.gelu = op == kLinearGelu;
   if (op == kLinearNormAdd) {
@@ -647,8 +669,7 @@ int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, 
 #ifdef COGVLM2_AMX
   if (!amx_ready()) return 4;
   if (N == 0) return 0;
-  amx_matmul(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), w_up, bias, epilogue, y, M,
-             K, N);
+  amx_matmul(static_cast<const float *>(params[0]), w, w_up, bias, epilogue, y, M, K, N);
   return 0;
 #else
   return 4;

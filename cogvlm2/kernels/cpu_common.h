@@ -79,6 +79,32 @@ inline bool is_float32(const char *dtype) {
   return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0;
 }
 
+// Linear weights kept as bfloat16 (model_config param_init_type: bfloat16 on CPU) reach the kernels as
+// their bit patterns, a uint16 tensor (MindSpore 2.7.2's CPU kernels have no bfloat16). A bfloat16 value
+// is the top half of the float32 with the same value, so widening is exact and a product over them gives
+// the bits of the same product over float32 weights holding those values.
+inline bool is_bf16_bits(const char *dtype) { return std::strcmp(dtype, "uint16") == 0; }
+
+inline float widen_bf16(uint16_t bits) {
+  const uint32_t word = uint32_t{bits} << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+typedef uint16_t bits_vec __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t word_vec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// kLanes bfloat16 bit patterns from p (unaligned) -> their float32 values
+inline vec widen_bf16(const uint16_t *p) {
+  bits_vec bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const word_vec words = __builtin_convertvector(bits, word_vec) << 16;
+  vec values;
+  std::memcpy(&values, &words, sizeof(values));
+  return values;
+}
+
 // The CPUs the process may run on: the main thread's (tid = pid) affinity, which pinning leaves alone.
 inline bool process_cpus(cpu_set_t *set) { return sched_getaffinity(getpid(), sizeof(*set), set) == 0; }
 

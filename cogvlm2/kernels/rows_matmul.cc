@@ -1,6 +1,7 @@
 // y = x @ w for a few rows of x, streaming the weight once for all rows (the decode step's MatMul).
 //
-// x (M, K) float32 row-major, w (K, N) float32 row-major (Linear's (in, out) layout), y (M, N).
+// x (M, K) float32 row-major, w (K, N) float32 row-major (Linear's (in, out) layout), or its bfloat16 bit
+// patterns (uint16, cpu_common.h: each value widened exactly as it is read, half the bytes to stream), y (M, N).
 // A MindSpore "aot" Custom CPU kernel: RowsMatMul(nparam=3, params={x, w, y}, ...).
 //
 // Why: oneDNN 2.2's gemm (MindSpore 2.7.2's CPU MatMul) reads the weight once only for 1 row; for
@@ -11,6 +12,7 @@
 // Summation is in k order (0..K-1) per output, one float32 multiply-add per term.
 // Built by cogvlm2/cogvlm2_cpu_kernels.py (g++ -O3 -march=native -std=c++17 -shared -fPIC -pthread).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +28,12 @@ using cogvlm2::vec;
 
 constexpr int kMaxRows = 16;
 
+// kLanes values of a row of w (float32, or bfloat16 bits widened), and one value
+inline vec load_w(const float *p) { return *reinterpret_cast<const vec *>(p); }
+inline vec load_w(const uint16_t *p) { return cogvlm2::widen_bf16(p); }
+inline float value_w(const float *p) { return *p; }
+inline float value_w(const uint16_t *p) { return cogvlm2::widen_bf16(*p); }
+
 // A panel of columns [j0, j0 + P) for MR rows: the partial sums of the panel live in `acc` (MR x P
 // floats, L1/L2-resident); k advances in groups of kGroup rows of w, and for each vector of columns the
 // MR sums stay in registers over the group. So w is read row after row, each row segment once, as
@@ -40,13 +48,13 @@ constexpr int64_t kNarrowPanel = 512;   // 16 rows x 512 floats of sums = 32 KiB
 constexpr int64_t kWidePanel = 8192;    // 16 rows x 8192 floats = 512 KiB (L2)
 constexpr int64_t kWideFrom = 16384;    // a thread's column range from which panels are wide
 
-template <int MR>
-void panel(const float *x, const float *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t P, float *acc) {
+template <int MR, typename W>
+void panel(const float *x, const W *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t P, float *acc) {
   const int64_t nv = P / kLanes;   // whole vectors; the caller handles the scalar tail
   std::memset(acc, 0, sizeof(float) * MR * P);
   int64_t k = 0;
   for (; k + kGroup <= K; k += kGroup) {
-    const float *wk = w + k * N + j0;
+    const W *wk = w + k * N + j0;
     float xs[MR][kGroup];
     for (int m = 0; m < MR; ++m)
       for (int g = 0; g < kGroup; ++g) xs[m][g] = x[m * K + k + g];
@@ -54,16 +62,16 @@ void panel(const float *x, const float *w, float *y, int64_t K, int64_t N, int64
       vec a[MR];
       for (int m = 0; m < MR; ++m) a[m] = *reinterpret_cast<const vec *>(acc + m * P + v * kLanes);
       for (int g = 0; g < kGroup; ++g) {
-        const vec wv = *reinterpret_cast<const vec *>(wk + g * N + v * kLanes);
+        const vec wv = load_w(wk + g * N + v * kLanes);
         for (int m = 0; m < MR; ++m) a[m] += xs[m][g] * wv;
       }
       for (int m = 0; m < MR; ++m) *reinterpret_cast<vec *>(acc + m * P + v * kLanes) = a[m];
     }
   }
   for (; k < K; ++k) {
-    const float *wk = w + k * N + j0;
+    const W *wk = w + k * N + j0;
     for (int64_t v = 0; v < nv; ++v) {
-      const vec wv = *reinterpret_cast<const vec *>(wk + v * kLanes);
+      const vec wv = load_w(wk + v * kLanes);
       for (int m = 0; m < MR; ++m) {
         vec *a = reinterpret_cast<vec *>(acc + m * P + v * kLanes);
         *a += x[m * K + k] * wv;
@@ -83,36 +91,37 @@ float *panel_sums() {
 }
 
 // columns [j0, j1) for rows 0..MR-1: panels of whole vectors, then scalar columns
-template <int MR>
-void columns(const float *x, const float *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t j1) {
+template <int MR, typename W>
+void columns(const float *x, const W *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t j1) {
   float *acc = panel_sums();
   const int64_t width = j1 - j0 >= kWideFrom ? kWidePanel : kNarrowPanel;
   int64_t j = j0;
   for (; j + kLanes <= j1; j += width) {
     const int64_t P = std::min<int64_t>(width, (j1 - j) / kLanes * kLanes);
-    panel<MR>(x, w, y, K, N, j, P, acc);
+    panel<MR, W>(x, w, y, K, N, j, P, acc);
     if (P < width) { j += P; break; }
   }
   for (; j < j1; ++j)
     for (int m = 0; m < MR; ++m) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + j];
+      for (int64_t k = 0; k < K; ++k) s = std::fma(x[m * K + k], value_w(w + k * N + j), s);   // as the vectors: fused
       y[m * N + j] = s;
     }
 }
 
-typedef void (*columns_fn)(const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t);
+template <typename W>
+using columns_fn = void (*)(const float *, const W *, float *, int64_t, int64_t, int64_t, int64_t);
 
-template <int... MR>
+template <typename W, int... MR>
 struct Table {
-  static constexpr columns_fn fns[sizeof...(MR)] = {&columns<MR>...};
+  static constexpr columns_fn<W> fns[sizeof...(MR)] = {&columns<MR, W>...};
 };
-const columns_fn *kColumns = Table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>::fns;
 
-void run(const float *x, const float *w, float *y, int64_t M, int64_t K, int64_t N, int64_t j0, int64_t j1) {
+template <typename W>
+void run(const float *x, const W *w, float *y, int64_t M, int64_t K, int64_t N, int64_t j0, int64_t j1) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-    kColumns[rows - 1](x + m0 * K, w, y + m0 * N, K, N, j0, j1);
+    Table<W, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>::fns[rows - 1](x + m0 * K, w, y + m0 * N, K, N, j0, j1);
   }
 }
 
@@ -123,12 +132,12 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
   (void)stream;
   (void)extra;
   if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  const bool bits = cogvlm2::is_bf16_bits(dtypes[1]);
   for (int i = 0; i < 3; ++i)
-    if (!cogvlm2::is_float32(dtypes[i])) return 2;
+    if (!cogvlm2::is_float32(dtypes[i]) && !(i == 1 && bits)) return 2;
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
   if (shapes[1][0] != K || shapes[2][0] != M || shapes[2][1] != N) return 3;
   const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   if (M == 0 || N == 0) return 0;
   // a thread per 1 MB of weight, so small products (and the scalar tests) stay on the calling thread.
@@ -137,10 +146,14 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
   // ms at batch 8 with a thread per 4 MB / 1 MB / 256 KB.
   const int64_t blocks = (N + 63) / 64;
   const int64_t per_thread = int64_t(1) << 20;
-  const int64_t wanted = (K * N * int64_t(sizeof(float)) + per_thread - 1) / per_thread;
+  const int64_t wanted = (K * N * int64_t(bits ? sizeof(uint16_t) : sizeof(float)) + per_thread - 1) / per_thread;
   // one contiguous column range per thread, in whole 64-column blocks
   cogvlm2::parallel(std::min(wanted, blocks), [&](int t, int n) {
-    run(x, w, y, M, K, N, std::min(N, blocks * t / n * 64), std::min(N, blocks * (t + 1) / n * 64));
+    const int64_t j0 = std::min(N, blocks * t / n * 64), j1 = std::min(N, blocks * (t + 1) / n * 64);
+    if (bits)
+      run(x, static_cast<const uint16_t *>(params[1]), y, M, K, N, j0, j1);
+    else
+      run(x, static_cast<const float *>(params[1]), y, M, K, N, j0, j1);
   });
   return 0;
 }
