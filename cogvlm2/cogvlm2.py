@@ -209,7 +209,7 @@ class CogVLM2ForVideo(PreTrainedModel):
             if not converted:
                 array = weights.to_model_layout(array, layout[name][1])
             param = params[name]
-            param.set_data(Tensor(np.ascontiguousarray(array), dtype=param.dtype))
+            param.set_data(weights.parameter_tensor(param, array, os.path.basename(path)))
             seen.add(name)
         weights.check_complete(seen, expected, directory)
 
@@ -405,7 +405,8 @@ def _check_device_dtype(config):
     if ms.get_context("device_target") == "CPU" and config.compute_dtype != "float32":
         raise CogVLM2ConfigError(
             f"compute_dtype {config.compute_dtype!r} does not run on CPU (no {config.compute_dtype} MatMul/Conv2D "
-            "kernels); set model_config compute_dtype: float32 (and param_init_type: float32) for CPU")
+            "kernels); set model_config compute_dtype: float32 for CPU (param_init_type float32, or bfloat16 to keep "
+            "a bf16 checkpoint's Linear weights in bfloat16)")
 
 
 def _as_2d(x, name: str) -> np.ndarray:

@@ -13,10 +13,10 @@ import tempfile
 from typing import Dict, Optional
 
 import numpy as np
-from mindspore import Tensor
 
 from cogvlm2.cogvlm2_errors import CheckpointError
-from cogvlm2.cogvlm2_weights import checkpoint_layout, encode_tensor, write_safetensors
+from cogvlm2.cogvlm2_weights import (checkpoint_layout, encode_tensor, parameter_tensor, parameter_values,
+                                     write_safetensors)
 
 __all__ = ["staged_directory", "save_hf_checkpoint", "save_train_checkpoint", "load_train_checkpoint",
            "latest_train_checkpoint", "STEP_DIR"]
@@ -66,8 +66,7 @@ def save_hf_checkpoint(network, directory: str, dtype: str = "bf16"):
             raise CheckpointError(f"{name}: merge the LoRA layers first (cogvlm2_lora.merge_lora)")
         shape, transposed = layout[name]
         entries.append((name, target, shape,
-                        lambda p=params[name], t=transposed: encode_tensor(p.asnumpy().astype(np.float32), "F32",
-                                                                           t, target)))
+                        lambda p=params[name], t=transposed: encode_tensor(parameter_values(p), "F32", t, target)))
     hf = network.config.to_hf_dict()
     hf["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[target]
     with staged_directory(directory) as tmp:
@@ -114,4 +113,4 @@ def set_parameters(network, arrays: Dict[str, np.ndarray], source: str):
     for name, value in arrays.items():
         if name not in params or tuple(params[name].shape) != tuple(value.shape):
             raise CheckpointError(f"{source}: {name} {tuple(value.shape)} does not fit this model/pet_config")
-        params[name].set_data(Tensor(value, params[name].dtype))
+        params[name].set_data(parameter_tensor(params[name], value, source))

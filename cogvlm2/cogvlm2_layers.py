@@ -18,10 +18,11 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from cogvlm2.cogvlm2_cpu_kernels import widen_bf16_op
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
 __all__ = ["Linear", "LayerNorm", "RMSNorm", "Embedding", "attention", "swiglu", "gelu", "to_ms_dtype",
-           "placeholder", "grouped_bias"]
+           "placeholder", "parameter_dtype", "grouped_bias", "BF16_BITS"]
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -35,11 +36,29 @@ def to_ms_dtype(name) -> ms.dtype.Type:
     return _DTYPES[name]
 
 
-def placeholder(shape, dtype) -> Tensor:
-    """Lazily-initialised zeros for a parameter: no memory until used, so the real config's shapes can
-    be built without its 50 GB. Every parameter is overwritten by a checkpoint, and loading fails on a
-    missing one, so no placeholder value is ever used for real numbers."""
-    return initializer("zeros", shape, dtype)
+# A Linear weight kept in bfloat16 on CPU: its bit patterns (MindSpore 2.7.2's CPU kernels have no bfloat16).
+BF16_BITS = ms.uint16
+
+
+def parameter_dtype(dtype, linear_weight: bool = False) -> ms.dtype.Type:
+    """The dtype a parameter of ``dtype`` (param_init_type) is kept in. bfloat16 on CPU, where MindSpore
+    2.7.2's kernels refuse it (Identity, Gather, Transpose): a Linear weight keeps its bfloat16 bit
+    patterns (``BF16_BITS``), which the CPU kernels read and widen exactly (the products' bits are those of
+    float32 weights with the same values, the bytes half); every other parameter (norms, biases,
+    embeddings, convolutions, learned tokens: a few percent of the bytes but the embedding table) is
+    float32, which holds bfloat16 values exactly. Elsewhere: ``dtype``."""
+    dtype = to_ms_dtype(dtype)
+    if dtype != ms.bfloat16 or ms.get_context("device_target") != "CPU":
+        return dtype
+    return BF16_BITS if linear_weight else ms.float32
+
+
+def placeholder(shape, dtype, linear_weight: bool = False) -> Tensor:
+    """Lazily-initialised zeros for a parameter made for ``dtype`` (kept as ``parameter_dtype`` says): no
+    memory until used, so the real config's shapes can be built without its 50 GB. Every parameter is
+    overwritten by a checkpoint, and loading fails on a missing one, so no placeholder value is ever used
+    for real numbers."""
+    return initializer("zeros", shape, parameter_dtype(dtype, linear_weight))
 
 
 class Linear(nn.Cell):
@@ -51,6 +70,8 @@ class Linear(nn.Cell):
     ``(x, W, b (out,)) -> x W + b`` a Linear with a bias uses instead of its product and ``bias_add``.
     ``construct(x, matmul=None)``: ``matmul``, the same kind of primitive as ``kernel``, replaces both for
     this call; the step graphs pass theirs (the rows kernel, the AMX kernel) down through the decoder.
+    A weight kept as bfloat16 bits (``parameter_dtype``) goes to those kernels as it is, which read the
+    bits; ``ops.MatMul`` gets its float32 values (``float_weight``).
     """
 
     transposed_in_checkpoint = ("weight",)
@@ -59,11 +80,16 @@ class Linear(nn.Cell):
                  biased=None):
         super().__init__()
         self.out_features = out_features
-        self.weight = Parameter(placeholder((in_features, out_features), dtype), name="weight")
+        self.weight = Parameter(placeholder((in_features, out_features), dtype, linear_weight=True), name="weight")
         self.bias = Parameter(placeholder((out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul()
         self.kernel = kernel
         self.biased = biased if bias else None
+        self.widen = widen_bf16_op() if self.weight.dtype == BF16_BITS else None
+
+    def float_weight(self):
+        """The weight's float32 values for ``ops.MatMul``: (in, out)."""
+        return self.weight if self.widen is None else self.widen(self.weight)
 
     def construct(self, x, matmul=None):
         if x.ndim == 2:                                                  # (N, in): no reshapes
@@ -87,7 +113,7 @@ class Linear(nn.Cell):
         elif self.kernel is not None:
             y = self.kernel(x, self.weight)
         else:
-            y = self.matmul(x, self.weight)
+            y = self.matmul(x, self.float_weight())
         return y if self.bias is None else ops.bias_add(y, self.bias)
 
 

@@ -18,7 +18,7 @@ from cogvlm2.cogvlm2 import CogVLM2ForVideo
 from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CheckpointError, CogVLM2ConfigError
 from cogvlm2.cogvlm2_processor import CogVLM2Processor
-from cogvlm2.cogvlm2_weights import check_parameters_loaded, checkpoint_files
+from cogvlm2.cogvlm2_weights import check_parameters_loaded, checkpoint_files, random_tensor
 
 __all__ = ["read_yaml", "build_from_yaml", "build_from_pretrained", "check_checkpoint", "fill_random_weights",
            "apply_context", "CONTEXT_KEYS"]
@@ -164,9 +164,8 @@ def fill_random_weights(model, seed: int = 0, scale: float = 0.02):
     """Fill every parameter with N(0, scale^2) values, one parameter at a time and without extra
     copies (peak memory stays near the weight bytes): for speed benchmarks, never for answers."""
     import numpy as np
-    from mindspore import Tensor
     rng = np.random.default_rng(seed)
     for _, param in model.parameters_and_names():
         values = rng.standard_normal(param.shape, dtype=np.float32)
         values *= scale
-        param.set_data(Tensor.from_numpy(values))
+        param.set_data(random_tensor(param, values))          # bfloat16 weights: rounded to bfloat16

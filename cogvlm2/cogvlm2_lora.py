@@ -97,7 +97,8 @@ class LoRALinear(nn.Cell):
         self.weight = base.weight
         self.bias = base.bias
         self.scaling = alpha / rank
-        dtype = base.weight.dtype
+        self.widen = base.widen                                          # a weight kept as bfloat16 bits
+        dtype = ms.float32 if base.widen is not None else base.weight.dtype
         self.lora_A = Parameter(Tensor(np.zeros((in_features, rank), np.float32), dtype), name="lora_A")
         self.lora_B = Parameter(Tensor(np.zeros((rank, out_features), np.float32), dtype), name="lora_B")
         self.use_dropout = dropout > 0
@@ -112,7 +113,8 @@ class LoRALinear(nn.Cell):
 
     def _forward(self, x, matmul):
         if matmul is None:                                               # as Linear: the base product
-            y = self.matmul(x, self.weight)                              # (N, out)
+            w = self.weight if self.widen is None else self.widen(self.weight)
+            y = self.matmul(x, w)                                        # (N, out)
         else:
             y = matmul(x, self.weight)
         if self.bias is not None:
@@ -276,6 +278,9 @@ def merge_lora(network):
     for path, cell in list(cells.items()):
         if not isinstance(cell, LoRALinear):
             continue
+        if cell.widen is not None:
+            raise CogVLM2ConfigError(f"{path}: merging a LoRA adapter into bfloat16 weights would round the sums; "
+                                     "build the model with model_config param_init_type: float32 to merge")
         delta = cell.lora_A.asnumpy().astype(np.float32) @ cell.lora_B.asnumpy().astype(np.float32)
         merged = cell.weight.asnumpy().astype(np.float32) + np.float32(cell.scaling) * delta
         in_features, out_features = cell.weight.shape

@@ -24,7 +24,8 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, mutable, nn, ops
 
 from cogvlm2.cogvlm2 import CogVLM2ForVideo
-from cogvlm2.cogvlm2_layers import to_ms_dtype
+from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
+from cogvlm2.cogvlm2_layers import BF16_BITS, to_ms_dtype
 from cogvlm2.cogvlm2_lora import LoRALinear, lora_parameters
 
 __all__ = ["CausalLMLoss", "GradStep", "AdamW", "Trainable", "freeze_for_lora", "freeze_for_full",
@@ -259,6 +260,11 @@ class Trainable:
     """
 
     def __init__(self, network: CogVLM2ForVideo, params: Sequence[Parameter], recompute=False):
+        if any(p.dtype == BF16_BITS for p in network.get_parameters()):
+            raise CogVLM2ConfigError(
+                f"fine-tuning needs float32 weights, but model_config param_init_type is "
+                f"{network.config.param_init_type} (Linear weights kept as bfloat16 bits are for inference on "
+                "CPU); set param_init_type: float32 in the fine-tuning YAML")
         if recompute is True or (not isinstance(recompute, bool) and recompute):
             enable_recompute(network, None if recompute is True else int(recompute))
         self.network = network

@@ -75,6 +75,39 @@ def _fp32_to_bf16(values: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+# ----- values <-> parameters (a Linear weight may be kept as bfloat16 bits: cogvlm2_layers.parameter_dtype) --
+
+def parameter_tensor(param, values: np.ndarray, source: str):
+    """float32 values (model layout) -> the Tensor ``param`` keeps them in. Into bfloat16 bits only if every
+    value is a bfloat16 value (a bf16 checkpoint's always are): a CheckpointError naming the tensor
+    otherwise, never a silent rounding."""
+    from mindspore import Tensor
+    from cogvlm2.cogvlm2_layers import BF16_BITS
+    values = np.ascontiguousarray(values)
+    if param.dtype != BF16_BITS:
+        return Tensor(values, dtype=param.dtype)
+    words = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    if np.any(words & 0xFFFF):
+        raise CheckpointError(f"{param.name} in {source} holds float32 values that bfloat16 would round; "
+                              "load it with model_config param_init_type: float32 (bfloat16 keeps a bf16 "
+                              "checkpoint's weights)")
+    return Tensor((words >> 16).astype(np.uint16))
+
+
+def parameter_values(param) -> np.ndarray:
+    """A parameter's values as float32 (bfloat16 bits widened)."""
+    from cogvlm2.cogvlm2_layers import BF16_BITS
+    array = param.asnumpy()
+    return _bf16_to_fp32(array) if param.dtype == BF16_BITS else array.astype(np.float32)
+
+
+def random_tensor(param, values: np.ndarray):
+    """Random float32 values -> a Tensor for ``param``, rounded to bfloat16 for one kept as its bits."""
+    from mindspore import Tensor
+    from cogvlm2.cogvlm2_layers import BF16_BITS
+    return Tensor.from_numpy(_fp32_to_bf16(values) if param.dtype == BF16_BITS else values)
+
+
 def read_safetensors_raw(path: str) -> Iterator[Tuple[str, str, np.ndarray]]:
     """Yield (name, safetensors dtype, stored array) for each tensor: views into a memory map, so
     nothing is read until used (bfloat16 comes as its uint16 bits)."""
@@ -204,16 +237,22 @@ def convert_weight_dict(model, source_dict: Dict[str, object]) -> Dict[str, obje
     """The tensors mindformers read from a HF directory -> the model's parameters, strictly: an
     unknown tensor or a wrong shape is a CheckpointError (missing ones are caught after loading).
     Linear weights are transposed from the PyTorch (out, in) layout to the model's (in, out)."""
+    import mindspore as ms
     from mindspore import Parameter, ops
+    from cogvlm2.cogvlm2_layers import BF16_BITS
     layout = checkpoint_layout(model)
     expected = {name: shape for name, (shape, _) in layout.items()}
+    params = dict(model.parameters_and_names())
     converted = {}
     for name, value in source_dict.items():
         target = hf_to_ms_name(name)
         if target is None:
             continue
         check_tensor(target, tuple(value.shape), expected, "load_checkpoint")
-        if layout[target][1]:
+        if params[target].dtype == BF16_BITS:                   # kept as bfloat16 bits: from the values, exactly
+            array = to_model_layout(value.astype(ms.float32).asnumpy(), layout[target][1])
+            value = Parameter(parameter_tensor(params[target], array, "load_checkpoint"), name=target)
+        elif layout[target][1]:
             value = Parameter(ops.transpose(value, (1, 0)).contiguous(), name=target)
         converted[target] = value
     return converted

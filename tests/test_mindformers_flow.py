@@ -40,12 +40,15 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_trainer_predict(load_checkpoint, input_data, batch_size=1):
-    """What run_mindformer.py --run_mode predict does after parsing its flags."""
+def run_trainer_predict(load_checkpoint, input_data, batch_size=1, **model_config):
+    """What run_mindformer.py --run_mode predict does after parsing its flags (``model_config``: YAML
+    model_config values to change)."""
     from mindformers.core.context import build_context
     from mindformers.trainer import Trainer
     from mindformers.utils.file_utils import set_output_path
     config = MindFormerConfig(TINY_YAML)
+    for key, value in model_config.items():
+        config.model.model_config[key] = value
     config.load_checkpoint = load_checkpoint
     config.input_data = input_data
     config.predict_batch_size = batch_size
@@ -104,6 +107,25 @@ def test_trainer_predict_answers_like_the_reference(workdir, meta):
     with open(workdir / f"{TASK}_result.txt", encoding="utf-8") as f:
         assert f.read() == str([meta["gen_decoded"]])
     assert (workdir / "modules" / "openmind_modules" / os.path.basename(REPO) / "cogvlm2_register.py").is_file()
+
+
+def test_trainer_predict_keeps_bfloat16_weights(workdir, meta, monkeypatch):
+    """param_init_type: bfloat16: mindformers' loading of the HF directory (convert_weight_dict) keeps the
+    Linear weights as their bfloat16 bits, and the answer is the reference's."""
+    from cogvlm2 import cogvlm2_weights
+    from cogvlm2.cogvlm2_layers import BF16_BITS
+    kept = []
+    convert = cogvlm2_weights.convert_weight_dict
+
+    def recording(model, source_dict):
+        converted = convert(model, source_dict)
+        kept.extend(name for name, value in converted.items() if value.dtype == BF16_BITS)
+        return converted
+
+    monkeypatch.setattr(cogvlm2_weights, "convert_weight_dict", recording)
+    result = run_trainer_predict(TINY, [[{"video": VIDEO}, {"text": PROMPT}]], param_init_type="bfloat16")
+    assert result == [meta["gen_decoded"]]
+    assert "lm_head.weight" in kept and "model.vision.linear_proj.dense_4h_to_h.weight" in kept
 
 
 def test_trainer_predict_converted_checkpoint_in_batches(workdir, meta):
