@@ -1,7 +1,7 @@
 """Generation benchmark on a random-weight model (a script that prints figures, not a test).
 
     python benchmarks/bench_generate.py [--config benchmarks/bench_config.json] [--video V]
-                                        [--new-tokens 32] [--runs 3] [--peer]
+                                        [--new-tokens 32] [--runs 3] [--peer] [--param-init-type bfloat16]
 
 Prints medians of ``--runs`` rounds (and each round's vision encode, both sides): preprocess ms, vision
 encode ms, prefill ms (including vision; each the second of two calls in a row, as the peer's script
@@ -16,6 +16,11 @@ With ``--peer`` and the official PyTorch implementation present at ``REPO/../sha
 config, same video, same machine), every round runs our figures and then the peer's
 ``bench_generate_peer.py`` as a subprocess, so load drift from other jobs cancels in the ratios; the
 table shows both columns and the ratio. Without that directory only our column is printed.
+
+``--param-init-type bfloat16``: our model keeps its Linear weights in bfloat16, as a bf16 checkpoint (the
+real model's) gives them: the random values are rounded to bfloat16, and every product widens them
+exactly, so the outputs are those of float32 weights with the same values (tests/test_bf16_weights.py).
+The peer always runs float32 weights, which is how the official code computes in float32 on CPU.
 
 Both sides' figures start ``--settle`` seconds (1.5) after the last child process exited: ours after the
 previous round's peer, the peer's after this round's bandwidth and GEMM probes; our figures come before the
@@ -53,6 +58,9 @@ def parse_args():
     parser.add_argument("--bandwidth-bytes", type=int, help=argparse.SUPPRESS)   # child: print GB/s, exit
     parser.add_argument("--peer", action="store_true",
                         help=f"interleave runs of the official implementation ({PEER_DIR}) and print ratios")
+    parser.add_argument("--param-init-type", default="float32", choices=["float32", "bfloat16"],
+                        help="our parameters' model_config param_init_type (bfloat16: Linear weights kept as "
+                             "bfloat16, the random values rounded to it)")
     parser.add_argument("--settle", type=float, default=1.5,
                         help="seconds each round waits before our figures, after the previous round's child "
                              "processes exited (0: none)")
@@ -152,12 +160,12 @@ def vision_flops(config, frames: int) -> float:
     return frames * (patch + v.num_hidden_layers * layer + adapter)
 
 
-def random_model(config_path: str, seed: int):
+def random_model(config_path: str, seed: int, param_init_type: str = "float32"):
     """The model with N(0, 0.02) weights, filled in place one parameter at a time (no extra copies:
-    peak RSS stays near the weight bytes)."""
+    peak RSS stays near the weight bytes); bfloat16 weights get the values rounded to bfloat16."""
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
     from cogvlm2.cogvlm2_loading import fill_random_weights
-    model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path))
+    model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path, param_init_type=param_init_type))
     fill_random_weights(model, seed)
     return model
 
@@ -187,18 +195,24 @@ def nocache_rate(model, inputs, pixel_values, new_tokens: int) -> float:
         model.config.use_past = True
 
 
-def decode_bytes(model) -> int:
-    """Weight bytes one decode step reads: every decoder matrix and lm_head, one embedding row."""
+def decode_bytes(model, float32: bool = False) -> int:
+    """Weight bytes one decode step reads: every decoder matrix and lm_head, one embedding row (``float32``:
+    were they all float32, as the peer's are)."""
     total = 0
     for name, param in model.parameters_and_names():
         if name.startswith("model.vision.") or name == "model.embed_tokens.weight":
             continue
-        total += int(np.prod(param.shape)) * param.data.itemsize
+        total += int(np.prod(param.shape)) * (4 if float32 else param.data.itemsize)
     return total
 
 
 def weight_bytes(model) -> int:
+    """The bytes the parameters are kept in (2 per value of a Linear weight kept in bfloat16)."""
     return sum(int(np.prod(p.shape)) * p.data.itemsize for _, p in model.parameters_and_names())
+
+
+def float32_bytes(model) -> int:
+    return sum(int(np.prod(p.shape)) * 4 for _, p in model.parameters_and_names())
 
 
 def peer_python():
@@ -238,7 +252,7 @@ def main():
     if args.peer and python is None:
         print(f"(no peer at {PEER_DIR}: our column only)")
     base_rss = rss_mb()                                  # the interpreter with mindspore and mindformers
-    model = random_model(args.config, args.seed)
+    model = random_model(args.config, args.seed, args.param_init_type)
     processor = CogVLM2Processor(CogVLM2Tokenizer(), num_frames=model.config.num_frames)
     loaded_peak = peak_rss_mb()
     runs = max(1, args.runs)
@@ -284,13 +298,17 @@ def main():
     long_rate = decode_rate(model, long_inputs, args.new_tokens)
     nocache = nocache_rate(model, inputs, pixels, min(16, args.new_tokens))
 
-    wbytes = weight_bytes(model) / 1e6
+    wbytes, f32bytes = weight_bytes(model) / 1e6, float32_bytes(model) / 1e6
     bound = med["bandwidth"] * 1e9 / step_bytes          # tokens/s if a step only read its weights
+    peer_bound = med["bandwidth"] * 1e9 / decode_bytes(model, float32=True)
     peer_med = ({k: statistics.median(p[key] for p in peers) for k, key in
                  (("preprocess", "preprocess_s"), ("vision", "vision_s"), ("prefill", "prefill_incl_vision_s"),
                   ("decode", "decode_tok_per_s"))} if peers else {})
     print(f"config {os.path.relpath(args.config, REPO)}: {model.config.num_hidden_layers} decoder layers, hidden "
-          f"{model.config.hidden_size}, {wbytes:.0f} MB of float32 weights; {len(pixels)} frames; prompt "
+          f"{model.config.hidden_size}, {wbytes:.0f} MB of weights ("
+          + ("float32" if wbytes == f32bytes else
+             f"param_init_type {args.param_init_type}: Linear weights in bfloat16, {f32bytes:.0f} MB in float32")
+          + f"); {len(pixels)} frames; prompt "
           f"{length} tokens" + (f" (peer {peers[0]['prompt_tokens']})" if peers else "")
           + f"; medians of {runs} rounds" + (", ours and the peer's interleaved" if peers else ""))
     header = "| stage                        | ours           |" + (" official        | ratio  |" if peers else "")
@@ -314,7 +332,8 @@ def main():
           + ", ".join(f"{b:.1f}" for b in ours["bandwidth"]) + ")")
     print(f"decode vs bandwidth bound     {med['decode'] / bound:.0%} of {bound:.1f} tokens/s "
           f"({step_bytes / 1e6:.0f} MB of weights per step)"
-          + (f"; peer {peer_med['decode'] / bound:.0%}" if peers else ""))
+          + (f"; peer {peer_med['decode'] / peer_bound:.0%}" + ("" if peer_bound == bound else
+             f" of {peer_bound:.1f} (its float32 weights)") if peers else ""))
     flops = vision_flops(model.config, len(pixels))
     sgemm = max(med["sgemm"], med.get("peer_sgemm", 0.0))
     print(f"vision FLOP rate              {flops / 1e9:.1f} GFLOP: ours {flops / med['vision'] / 1e9:.0f} GFLOP/s = "
@@ -330,7 +349,9 @@ def main():
           "(the single-sequence decode graph)")
     print(f"peak RSS                      {generated_peak:.0f} MB = {generated_peak / wbytes:.2f}x the weights "
           f"(after loading {loaded_peak:.0f} MB; interpreter with mindspore/mindformers alone {base_rss:.0f} MB: "
-          f"{(generated_peak - base_rss) / wbytes:.2f}x above it)")
+          f"{(generated_peak - base_rss) / wbytes:.2f}x above it)"
+          + ("" if wbytes == f32bytes else
+             f"; {generated_peak / f32bytes:.2f}x the float32 weights' {f32bytes:.0f} MB"))
     return 0
 
 

@@ -23,7 +23,8 @@
 // Each part product is exact in float32 and TDPBF16PS adds them into float32 accumulators, so a
 // K-term dot product has the error of a float32 one (K * 2^-24 scale), not bf16's 2^-8.
 // Six tile products per term against one float32 FMA: the tile unit does 1024 bf16 flops per cycle
-// and core, AVX-512 float32 FMA 64, so the ceiling is 2.7x float32's.
+// and core, AVX-512 float32 FMA 64, so the ceiling is 2.7x float32's. Weights given as bfloat16 (their
+// bits, a bf16 checkpoint's) are their own hi part: three tile products per term, the same sums.
 //
 // Blocking: one operand is converted into its three parts once per call, rows / columns padded to 32
 // and K to 32 (zeros); the other is converted piece by piece, each piece once, into a per-thread buffer
@@ -103,30 +104,31 @@ void epilogue_rows(const Epilogue &e, float *y, int64_t N, int64_t m0, int64_t n
   }
 }
 
-// slice() calls per step of K in block_sums, one after each group of four tile products but the first:
+// slice() calls per step of K in block_sums (block_sums_bf16: kSlicesPerStepBf16), one after each group of
+// four tile products but the first:
 // fc1's GELU a row at a time over 5 slices per step, the first step's skipped, cost 1.08x less than two
 // rows at a time over 2 slices per step (through ctypes; skipping two or four steps' slices, two rows at a
 // time, cost more than either).
 constexpr int kSlicesPerStep = 5;
 
 // Row work done a row or a few at a time between the tile products of the next blocks (`slice`,
-// kSlicesPerStep times per step of K): the vector units are idle while the tile unit multiplies, so it
-// costs little there, where the same work between blocks stalls the tile unit (GELU of fc1's sums at
+// kSlicesPerStep or kSlicesPerStepBf16 times per step of K): the vector units are idle while the tile unit
+// multiplies, so it costs little there, where the same work between blocks stalls the tile unit (GELU of fc1's sums at
 // store time: no faster than the product and the GELU kernel in turn). `rows(i)` does row i of `count`;
-// they are spread evenly over `slices` slices but the first kSlicesPerStep (the next block's first step).
+// they are spread evenly over `slices` slices but the first step's `per_step` (the next block's first step).
 template <typename Rows>
 struct Spread {
   Rows rows;
   int count = 0, done = 0;
-  int64_t slots = 0, slot = 0;    // the slices that do rows, and those passed (the first kSlicesPerStep skip)
+  int64_t slots = 0, slot = 0;    // the slices that do rows, and those passed (the first step's skip)
 
   // what still waited is done first
-  void start(const Rows &rows_, int count_, int64_t slices) {
+  void start(const Rows &rows_, int count_, int64_t slices, int per_step) {
     finish();
     rows = rows_;
     count = count_;
     done = 0;
-    slot = slices > kSlicesPerStep ? -kSlicesPerStep : 0;
+    slot = slices > per_step ? -per_step : 0;
     slots = std::max<int64_t>(slices + std::min<int64_t>(slot, 0), 1);
   }
   // not inlined into block_sums, whose tile loop it would otherwise crowd (1.1x slower for fc1's GELU)
@@ -200,7 +202,8 @@ inline __mmask16 lanes(int64_t valid) {
 // Both operands are stored as whole tiles, 16 rows x 64 bytes contiguous (1 KiB), so a tile load reads
 // 16 consecutive cache lines. A tile of x: 16 rows x 32 values of K; a tile of w: 16 (k, k + 1) pairs x
 // 16 columns. For a 16-row (16-column) strip, step s (values 32 s .. 32 s + 31 of K), part p:
-// strip + (s * kParts + p) * kTileSize.
+// strip + (s * parts + p) * kTileSize, parts = kParts, or 1 for w given as bfloat16 (its values are their
+// own hi part; mid and lo are zero and their products are left out: `block_sums_bf16`).
 constexpr int64_t kTileSize = kTile * kStep;        // bf16 values per tile
 
 // Values [k0, k0 + 32 * steps) of x row m -> a, the parts of rows from r0 (a multiple of 16) in 16-row
@@ -254,16 +257,20 @@ inline const char *address_w(const Weights &w, int64_t at) {
   return static_cast<const char *>(w.data) + at * (w.bits ? int64_t{sizeof(uint16_t)} : int64_t{sizeof(float)});
 }
 
+// The parts a value of w is cut into: three, or one for bfloat16 weights.
+inline int w_parts(const Weights &w) { return w.bits ? 1 : kParts; }
+
 // Rows [k0, k0 + 32 * steps) x columns [n0, n0 + width) of w -> b in 16-column strips (strip j at
-// b + j * steps * kParts * kTileSize), each tile row holding 16 columns' (k, k + 1) pairs. Columns
+// b + j * steps * w_parts(w) * kTileSize), each tile row holding 16 columns' (k, k + 1) pairs. Columns
 // beyond N and rows beyond K are zeros.
 constexpr int64_t kAhead = 8;     // rows of w prefetched ahead
 
 void convert_panel(const Weights &w, int64_t K, int64_t N, int64_t k0, int64_t steps, int64_t n0, int64_t width,
                    bf16 *b) {
+  const int parts = w_parts(w);
   for (int64_t kp = 0; kp < steps * kTile; ++kp) {
     const int64_t k = k0 + 2 * kp;
-    bf16 *row = b + (kp / kTile) * kParts * kTileSize + (kp % kTile) * kStep;
+    bf16 *row = b + (kp / kTile) * parts * kTileSize + (kp % kTile) * kStep;
     for (int64_t c = 0; c < width; c += 16) {
       // w is usually not in cache (other ops ran since its last use) and is read down its rows
       if (k + kAhead + 1 < K) {
@@ -273,8 +280,8 @@ void convert_panel(const Weights &w, int64_t K, int64_t N, int64_t k0, int64_t s
       const __mmask16 valid = lanes(N - n0 - c);
       __m512 even = k < K ? load_w(w, k * N + n0 + c, valid) : _mm512_setzero_ps();
       __m512 odd = k + 1 < K ? load_w(w, (k + 1) * N + n0 + c, valid) : _mm512_setzero_ps();
-      bf16 *at = row + (c / 16) * steps * kParts * kTileSize;
-      for (int p = 0; p < kParts; ++p) {
+      bf16 *at = row + (c / 16) * steps * parts * kTileSize;
+      for (int p = 0; p < parts; ++p) {
         const __m512i lo = _mm512_cvtepu16_epi32(take_part(even));
         const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(take_part(odd)), 16);
         _mm512_storeu_si512(at + p * kTileSize, _mm512_or_si512(lo, hi));
@@ -360,6 +367,69 @@ inline void block_sums(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t 
   }
 }
 
+// w given as bfloat16 (one part, its values; b_strip and the steps as convert_panel lays them out): the
+// three products hi x w, mid x w, lo x w, in the order block_sums takes them among its six. The three it
+// adds besides are products with w's mid and lo parts, zero here: the same sums, half the tile products.
+// kSlicesPerStepBf16 slices of `work` per step.
+constexpr int kSlicesPerStepBf16 = 2;
+
+template <typename Work>
+inline void block_sums_bf16(const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t b_strip, int64_t steps,
+                            Work &work) {
+  const bf16 *a1 = a0 + a_strip, *b1 = b0 + b_strip;
+  constexpr int64_t kMid = kTileSize, kLo = 2 * kTileSize, kNextA = kParts * kTileSize, kNextB = kTileSize;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, a0, 64);
+  _tile_loadd(5, a1, 64);
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(7, b1, 64);
+  for (int64_t s = 0; s < steps; ++s) {
+    const bf16 *ah = a0 + s * kNextA, *ah1 = a1 + s * kNextA, *bh = b0 + s * kNextB, *bh1 = b1 + s * kNextB;
+    // hi x w
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(4, ah + kMid, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(5, ah1 + kMid, 64);
+    // mid x w
+    work.slice();
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(4, ah + kLo, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(5, ah1 + kLo, 64);
+    // lo x w, then the next step's hi parts and w
+    work.slice();
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (s + 1 < steps) _tile_loadd(4, ah + kNextA, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    if (s + 1 < steps) _tile_loadd(6, bh + kNextB, 64);
+    _tile_dpbf16ps(3, 5, 7);
+    if (s + 1 < steps) {
+      _tile_loadd(5, ah1 + kNextA, 64);
+      _tile_loadd(7, bh1 + kNextB, 64);
+    }
+  }
+}
+
+// The block's sums for w's parts (block_sums or block_sums_bf16), and the slices of `work` each step gives.
+template <typename Work>
+inline void sums_for(const Weights &w, const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t b_strip,
+                     int64_t steps, Work &work) {
+  if (w.bits)
+    block_sums_bf16(a0, a_strip, b0, b_strip, steps, work);
+  else
+    block_sums(a0, a_strip, b0, b_strip, steps, work);
+}
+
+inline int slices_per_step(const Weights &w) { return w.bits ? kSlicesPerStepBf16 : kSlicesPerStep; }
+
 // C tiles -> the block at `out` (rows `stride` floats apart), its first `rows` rows and `cols` columns (at
 // most 32 each); added to it unless `first`; plus bias[0 .. cols) if `bias` (given with the last chunk of K).
 inline void store_block(float *out, int64_t stride, int64_t rows, int64_t cols, bool first, const float *bias) {
@@ -439,7 +509,8 @@ void columns_through(const float *x, const Weights &w, const Weights &w_up, cons
     static thread_local Buffer<float> gate_buffer;                  // gated: the panel's gate sums (Mp, 64)
     static thread_local TileConfig config;
     _tile_loadconfig(&config);
-    const size_t panel_values = static_cast<size_t>(panel_width / kTile * std::min(steps, kChunk) * kParts * kTileSize);
+    const int parts = w_parts(w), per_step = slices_per_step(w);
+    const size_t panel_values = static_cast<size_t>(panel_width / kTile * std::min(steps, kChunk) * parts * kTileSize);
     bf16 *b = b_buffer.grown(panel_values), *b_up = gated ? up_buffer.grown(panel_values) : nullptr;
     float *gate = gated ? gate_buffer.grown(static_cast<size_t>(Mp * panel_width)) : nullptr;
     Epilogue after = epilogue;                                // gated: silu of this thread's gate sums
@@ -453,7 +524,7 @@ void columns_through(const float *x, const Weights &w, const Weights &w_up, cons
         after.gate_n0 = n0;
       }
       for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
-        const int64_t chunk = std::min(kChunk, steps - s0), b_strip = chunk * kParts * kTileSize;
+        const int64_t chunk = std::min(kChunk, steps - s0), b_strip = chunk * parts * kTileSize;
         convert_panel(w, K, N, s0 * kStep, chunk, n0, width, b);
         if (gated) convert_panel(w_up, K, N, s0 * kStep, chunk, n0, width, b_up);
         const bool last = s0 + chunk == steps;
@@ -463,16 +534,16 @@ void columns_through(const float *x, const Weights &w, const Weights &w_up, cons
             const int rows = static_cast<int>(std::min(kBlock, M - m0));
             const int64_t cols = std::min(kBlock, N - n0 - j);
             if (gated) {
-              block_sums(a_block, strip, b + j / kTile * b_strip, b_strip, chunk, pending);
+              sums_for(w, a_block, strip, b + j / kTile * b_strip, b_strip, chunk, pending);
               store_block(gate + m0 * panel_width + j, panel_width, rows, cols, s0 == 0, nullptr);
-              block_sums(a_block, strip, b_up + j / kTile * b_strip, b_strip, chunk, pending);
+              sums_for(w_up, a_block, strip, b_up + j / kTile * b_strip, b_strip, chunk, pending);
             } else {
-              block_sums(a_block, strip, b + j / kTile * b_strip, b_strip, chunk, pending);
+              sums_for(w, a_block, strip, b + j / kTile * b_strip, b_strip, chunk, pending);
             }
             store_sums(y, M, N, m0, n0 + j, s0 == 0, last ? bias : nullptr);
             if (last && (after.gelu || gated))
               pending.start(EpilogueRows{&after, y, N, m0, n0 + j, cols}, rows,
-                            (gated ? 2 : 1) * kSlicesPerStep * chunk);
+                            (gated ? 2 : 1) * per_step * chunk, per_step);
           }
       }
     }
@@ -500,7 +571,8 @@ int64_t l2_bytes() {
 // once instead of once per panel.
 void rows_through(const float *x, const Weights &w, const float *bias, const Epilogue &epilogue, float *y,
                   int64_t M, int64_t K, int64_t N, int64_t steps) {
-  const int64_t Np = round_up(N, kBlock), strip = steps * kParts * kTileSize;
+  const int parts = w_parts(w), per_step = slices_per_step(w);
+  const int64_t Np = round_up(N, kBlock), strip = steps * parts * kTileSize;   // of w's parts
   static thread_local Buffer<bf16> b_buffer;                        // w's parts
   bf16 *b = b_buffer.grown(static_cast<size_t>(Np / kTile * strip));
   const int64_t column_blocks = Np / kBlock;
@@ -544,13 +616,13 @@ void rows_through(const float *x, const Weights &w, const float *bias, const Epi
         const XRows next{x, M, K, next_s0 * kStep, std::min(kChunk, steps - next_s0), next_block * kBlock,
                          ahead ? a_next : a};
         if (ahead && next_block < end)
-          work.ahead.start(next, static_cast<int>(kBlock), kSlicesPerStep * chunk * ((n_end - n_begin) / kBlock));
+          work.ahead.start(next, static_cast<int>(kBlock), per_step * chunk * ((n_end - n_begin) / kBlock), per_step);
         for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlock) {
-          block_sums(a, a_strip, b + n0 / kTile * strip + s0 * kParts * kTileSize, strip, chunk, work);
+          sums_for(w, a, a_strip, b + n0 / kTile * strip + s0 * parts * kTileSize, strip, chunk, work);
           store_sums(y, M, N, m0, n0, s0 == 0, last ? bias : nullptr);
           if (last && epilogue.gelu)
             work.pending.start(EpilogueRows{&epilogue, y, N, m0, n0, std::min(kBlock, N - n0)}, rows,
-                               kSlicesPerStep * chunk);
+                               per_step * chunk, per_step);
         }
         if (ahead) {
           work.ahead.finish();
@@ -561,7 +633,7 @@ void rows_through(const float *x, const Weights &w, const float *bias, const Epi
       }
       // the rows are whole (unless shared): their LayerNorm runs under the next row block's products
       if (epilogue.residual != nullptr && n_begin == 0 && n_end == Np)
-        work.pending.start(EpilogueRows{&epilogue, y, N, m0, 0, N}, rows, kSlicesPerStep * steps * column_blocks);
+        work.pending.start(EpilogueRows{&epilogue, y, N, m0, 0, N}, rows, per_step * steps * column_blocks, per_step);
     }
     work.pending.finish();
     _tile_release();
@@ -585,7 +657,7 @@ void amx_matmul(const float *x, const Weights &w, const Weights &w_up, const flo
   // Tall products whose w parts stay in L2 beside a block of x (the vision tower's, 1542 x 256 x 768 and
   // 1542 x 1024 x 256 at 6 frames) go through their rows: 1.15-1.27x faster (through ctypes); with w's
   // parts beyond L2 (1575 x 1024 x 1024) they are 1.1x slower than through the columns.
-  const int64_t w_parts_bytes = round_up(N, kBlock) * steps * kStep * kParts * int64_t{sizeof(bf16)};
+  const int64_t w_parts_bytes = round_up(N, kBlock) * steps * kStep * w_parts(w) * int64_t{sizeof(bf16)};
   // Gated products go through the columns (SwiGLU's: 384-413 rows against 2816 columns at the bench config).
   if (w_up.data == nullptr && N < M && M >= kMinRowsThrough && w_parts_bytes <= l2_bytes() * 3 / 4)
     rows_through(x, w, bias, epilogue, y, M, K, N, steps);
@@ -634,6 +706,7 @@ int amx_product(Op op, int nparam, void **params, int *ndims, int64_t **shapes, 
   const float *bias = op != kProduct && !gated ? static_cast<const float *>(params[2]) : nullptr;
   const Weights w{params[1], cogvlm2::is_bf16_bits(dtypes[1])};
   const Weights w_up = gated ? Weights{params[2], cogvlm2::is_bf16_bits(dtypes[2])} : Weights{};
+  if (gated && w_up.bits != w.bits) return 2;                 // their parts share the panel layout
   Epilogue epilogue;
   epilogue.gelu = op == kLinearGelu;
   if (op == kLinearNormAdd) {

@@ -121,7 +121,8 @@ template <typename W>
 void run(const float *x, const W *w, float *y, int64_t M, int64_t K, int64_t N, int64_t j0, int64_t j1) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-    Table<W, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>::fns[rows - 1](x + m0 * K, w, y + m0 * N, K, N, j0, j1);
+    const columns_fn<W> columns_of = Table<W, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>::fns[rows - 1];
+    columns_of(x + m0 * K, w, y + m0 * N, K, N, j0, j1);
   }
 }
 
