@@ -568,8 +568,8 @@ def test_build_failure_is_one_config_error_line(tmp_path, monkeypatch):
         kernels_module.build_library()
     message = str(info.value)
     assert "\n" not in message and "rows_matmul.cc" in message
-    assert ("decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops, gemm: onednn and "
-            "kernel_threads: free") in message
+    assert ("decode_matmul: onednn, kv_cache: concat, vision_kernels: ops, decoder_kernels: ops, gemm: onednn, "
+            "kernel_threads: free and param_init_type: float32") in message
     assert not any(name.endswith(".so") or ".tmp" in name for name in os.listdir(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(CogVLM2ConfigError, match="'no-such-compiler-xyz' is not on PATH"):
