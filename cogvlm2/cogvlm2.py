@@ -39,7 +39,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from cogvlm2.cogvlm2_config import CogVLM2Config
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
-from cogvlm2.cogvlm2_layers import Linear, to_ms_dtype
+from cogvlm2.cogvlm2_layers import BF16_BITS, Linear, to_ms_dtype
 from cogvlm2.cogvlm2_llm import CogVLM2Model, DecoderKernels
 from cogvlm2.cogvlm2_cpu_kernels import (ROWS_PER_PASS, amx_gated_op, amx_linear_gelu_op, amx_linear_norm_add_op,
                                          amx_linear_op, amx_matmul_op, decode_attention_op, gelu_op, layer_norm_op,
@@ -150,7 +150,11 @@ class CogVLM2ForVideo(PreTrainedModel):
                 object.__setattr__(self, "decode_step",
                                    CausalLMStep(self.model, self.lm_head, rows_matmul_op(), attend))
             if resolve_kv_cache(config.kv_cache, device, config.compute_dtype) == "slots":
-                object.__setattr__(self, "slot_step", SlotDecodeStep(self.model, self.lm_head, decode_attention_op()))
+                # one sequence: oneDNN's mat-vec reads float32 W once; bfloat16 weights go to the rows kernel,
+                # which reads their bits (MindSpore's MatMul would get them widened, every step)
+                single = rows_matmul_op() if rows and self.lm_head.weight.dtype == BF16_BITS else None
+                object.__setattr__(self, "slot_step", SlotDecodeStep(self.model, self.lm_head, decode_attention_op(),
+                                                                     single))
                 if rows:
                     object.__setattr__(self, "slot_rows_step", SlotDecodeStep(self.model, self.lm_head,
                                                                               decode_attention_op(), rows_matmul_op()))
@@ -204,12 +208,12 @@ class CogVLM2ForVideo(PreTrainedModel):
         # a converted directory stores the model's own layout, a HF one the PyTorch layout
         expected = {name: tuple(p.shape) if converted else layout[name][0] for name, p in params.items()}
         seen = set()
-        for path, name, array in weights.iter_checkpoint(directory):
-            weights.check_tensor(name, array.shape, expected, os.path.basename(path))
+        for path, name, st_dtype, stored in weights.iter_checkpoint(directory):
+            weights.check_tensor(name, stored.shape, expected, os.path.basename(path))
             if not converted:
-                array = weights.to_model_layout(array, layout[name][1])
+                stored = weights.to_model_layout(stored, layout[name][1])
             param = params[name]
-            param.set_data(weights.parameter_tensor(param, array, os.path.basename(path)))
+            param.set_data(weights.parameter_tensor(param, stored, os.path.basename(path), st_dtype))
             seen.add(name)
         weights.check_complete(seen, expected, directory)
 

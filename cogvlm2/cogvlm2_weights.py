@@ -77,21 +77,40 @@ def _fp32_to_bf16(values: np.ndarray) -> np.ndarray:
 
 # ----- values <-> parameters (a Linear weight may be kept as bfloat16 bits: cogvlm2_layers.parameter_dtype) --
 
-def parameter_tensor(param, values: np.ndarray, source: str):
-    """float32 values (model layout) -> the Tensor ``param`` keeps them in. Into bfloat16 bits only if every
-    value is a bfloat16 value (a bf16 checkpoint's always are): a CheckpointError naming the tensor
-    otherwise, never a silent rounding."""
+_CHUNK = 1 << 22      # values per pass of a conversion, so its temporaries stay small beside the tensor
+
+
+def _bits_of(values: np.ndarray, exact: bool, name: str = "", source: str = "") -> np.ndarray:
+    """float32 values -> bfloat16 bits, chunk by chunk: rounded to nearest even, or (``exact``) only if every
+    value is a bfloat16 value, else a CheckpointError naming the tensor."""
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    bits = np.empty(flat.shape, np.uint16)
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start:start + _CHUNK]
+        if exact:
+            words = part.view(np.uint32)
+            if np.any(words & 0xFFFF):
+                raise CheckpointError(f"{name} in {source} holds float32 values that bfloat16 would round; load it "
+                                      "with model_config param_init_type: float32 (bfloat16 keeps a bf16 "
+                                      "checkpoint's weights)")
+            bits[start:start + part.size] = words >> 16
+        else:
+            bits[start:start + part.size] = _fp32_to_bf16(part)
+    return bits.reshape(np.shape(values))
+
+
+def parameter_tensor(param, stored: np.ndarray, source: str, st_dtype: str = "F32"):
+    """A checkpoint tensor (model layout; ``st_dtype`` "BF16": its uint16 bits, else float values) -> the
+    Tensor ``param`` keeps it in. Into bfloat16 bits as they are from a bf16 checkpoint, from float values
+    only if each is a bfloat16 value: a CheckpointError naming the tensor otherwise, never a rounding."""
     from mindspore import Tensor
     from cogvlm2.cogvlm2_layers import BF16_BITS
-    values = np.ascontiguousarray(values)
-    if param.dtype != BF16_BITS:
-        return Tensor(values, dtype=param.dtype)
-    words = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    if np.any(words & 0xFFFF):
-        raise CheckpointError(f"{param.name} in {source} holds float32 values that bfloat16 would round; "
-                              "load it with model_config param_init_type: float32 (bfloat16 keeps a bf16 "
-                              "checkpoint's weights)")
-    return Tensor((words >> 16).astype(np.uint16))
+    if param.dtype == BF16_BITS:
+        if st_dtype == "BF16":
+            return Tensor(np.ascontiguousarray(stored, dtype=np.uint16))
+        return Tensor(_bits_of(stored, True, param.name, source))
+    values = _bf16_to_fp32(stored) if st_dtype == "BF16" else stored
+    return Tensor(np.ascontiguousarray(values), dtype=param.dtype)
 
 
 def parameter_values(param) -> np.ndarray:
@@ -105,7 +124,7 @@ def random_tensor(param, values: np.ndarray):
     """Random float32 values -> a Tensor for ``param``, rounded to bfloat16 for one kept as its bits."""
     from mindspore import Tensor
     from cogvlm2.cogvlm2_layers import BF16_BITS
-    return Tensor.from_numpy(_fp32_to_bf16(values) if param.dtype == BF16_BITS else values)
+    return Tensor.from_numpy(_bits_of(values, False) if param.dtype == BF16_BITS else values)
 
 
 def read_safetensors_raw(path: str) -> Iterator[Tuple[str, str, np.ndarray]]:
@@ -197,15 +216,15 @@ def is_converted_dir(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, MS_INDEX))
 
 
-def iter_checkpoint(directory: str) -> Iterator[Tuple[str, str, np.ndarray]]:
-    """Yield (shard path, model parameter name, array) for every parameter tensor of a checkpoint, in
-    the checkpoint's layout: a HF directory holds PyTorch (out, in) Linear weights, a converted
-    directory holds the model's own layout."""
+def iter_checkpoint(directory: str) -> Iterator[Tuple[str, str, str, np.ndarray]]:
+    """Yield (shard path, model parameter name, safetensors dtype, stored array: ``read_safetensors_raw``)
+    for every parameter tensor of a checkpoint, in the checkpoint's layout: a HF directory holds PyTorch
+    (out, in) Linear weights, a converted directory holds the model's own layout."""
     for path in checkpoint_files(directory):
-        for name, array in read_safetensors(path):
+        for name, st_dtype, array in read_safetensors_raw(path):
             ms_name = hf_to_ms_name(name)
             if ms_name is not None:
-                yield path, ms_name, array
+                yield path, ms_name, st_dtype, array
 
 
 # ----- checks -----------------------------------------------------------------------------------
