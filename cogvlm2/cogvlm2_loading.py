@@ -166,6 +166,4 @@ def fill_random_weights(model, seed: int = 0, scale: float = 0.02):
     import numpy as np
     rng = np.random.default_rng(seed)
     for _, param in model.parameters_and_names():
-        values = rng.standard_normal(param.shape, dtype=np.float32)
-        values *= scale
-        param.set_data(random_tensor(param, values))          # bfloat16 weights: rounded to bfloat16
+        param.set_data(random_tensor(param, rng, scale))      # bfloat16 weights: rounded to bfloat16

@@ -120,11 +120,21 @@ def parameter_values(param) -> np.ndarray:
     return _bf16_to_fp32(array) if param.dtype == BF16_BITS else array.astype(np.float32)
 
 
-def random_tensor(param, values: np.ndarray):
-    """Random float32 values -> a Tensor for ``param``, rounded to bfloat16 for one kept as its bits."""
+def random_tensor(param, rng: np.random.Generator, scale: float):
+    """N(0, scale^2) values for ``param`` (rounded to bfloat16 for one kept as its bits, drawn chunk by chunk
+    so no float32 copy of it is made) as a Tensor."""
     from mindspore import Tensor
     from cogvlm2.cogvlm2_layers import BF16_BITS
-    return Tensor.from_numpy(_bits_of(values, False) if param.dtype == BF16_BITS else values)
+    if param.dtype != BF16_BITS:
+        values = rng.standard_normal(param.shape, dtype=np.float32)
+        values *= scale
+        return Tensor.from_numpy(values)
+    bits = np.empty(int(np.prod(param.shape)), np.uint16)
+    for start in range(0, bits.size, _CHUNK):
+        values = rng.standard_normal(min(_CHUNK, bits.size - start), dtype=np.float32)
+        values *= scale
+        bits[start:start + values.size] = _fp32_to_bf16(values)
+    return Tensor.from_numpy(bits.reshape(param.shape))
 
 
 def read_safetensors_raw(path: str) -> Iterator[Tuple[str, str, np.ndarray]]:

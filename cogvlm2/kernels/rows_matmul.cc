@@ -47,6 +47,10 @@ constexpr int kGroup = 8;              // rows of w per pass over a panel's sums
 constexpr int64_t kNarrowPanel = 512;   // 16 rows x 512 floats of sums = 32 KiB (L1)
 constexpr int64_t kWidePanel = 8192;    // 16 rows x 8192 floats = 512 KiB (L2)
 constexpr int64_t kWideFrom = 16384;    // a thread's column range from which panels are wide
+// Wide panels of bfloat16 weights are twice as many columns, the same 32 KiB runs of a weight row: the
+// lm_head in bfloat16 at 1 row, standalone, 9.76 -> 8.87 ms (29.6 GB/s; 17.2 ms from float32 weights).
+template <typename W>
+constexpr int64_t kWidePanelOf = kWidePanel * int64_t{sizeof(float) / sizeof(W)};
 
 template <int MR, typename W>
 void panel(const float *x, const W *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t P, float *acc) {
@@ -86,7 +90,7 @@ void panel(const float *x, const W *w, float *y, int64_t K, int64_t N, int64_t j
 float *panel_sums() {
   struct Free { void operator()(float *p) const { std::free(p); } };
   static thread_local std::unique_ptr<float, Free> sums;
-  if (!sums) sums.reset(static_cast<float *>(std::aligned_alloc(64, sizeof(float) * kMaxRows * kWidePanel)));
+  if (!sums) sums.reset(static_cast<float *>(std::aligned_alloc(64, sizeof(float) * kMaxRows * kWidePanelOf<uint16_t>)));
   return sums.get();
 }
 
@@ -94,7 +98,7 @@ float *panel_sums() {
 template <int MR, typename W>
 void columns(const float *x, const W *w, float *y, int64_t K, int64_t N, int64_t j0, int64_t j1) {
   float *acc = panel_sums();
-  const int64_t width = j1 - j0 >= kWideFrom ? kWidePanel : kNarrowPanel;
+  const int64_t width = j1 - j0 >= kWideFrom ? kWidePanelOf<W> : kNarrowPanel;
   int64_t j = j0;
   for (; j + kLanes <= j1; j += width) {
     const int64_t P = std::min<int64_t>(width, (j1 - j) / kLanes * kLanes);
