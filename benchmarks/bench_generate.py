@@ -17,9 +17,9 @@ config, same video, same machine), every round runs our figures and then the pee
 ``bench_generate_peer.py`` as a subprocess, so load drift from other jobs cancels in the ratios; the
 table shows both columns and the ratio. Without that directory only our column is printed.
 
-``--param-init-type bfloat16``: our model keeps its Linear weights in bfloat16, as a bf16 checkpoint (the
-real model's) gives them: the random values are rounded to bfloat16, and every product widens them
-exactly, so the outputs are those of float32 weights with the same values (tests/test_bf16_weights.py).
+``--param-init-type bfloat16``: our model keeps its Linear weights and token embedding in bfloat16, as a
+bf16 checkpoint (the real model's) gives them: the random values are rounded to bfloat16, and every product
+widens them exactly, so the outputs are those of float32 weights with the same values (tests/test_bf16_weights.py).
 The peer always runs float32 weights, which is how the official code computes in float32 on CPU.
 
 Both sides' figures start ``--settle`` seconds (1.5) after the last child process exited: ours after the
@@ -59,8 +59,8 @@ def parse_args():
     parser.add_argument("--peer", action="store_true",
                         help=f"interleave runs of the official implementation ({PEER_DIR}) and print ratios")
     parser.add_argument("--param-init-type", default="float32", choices=["float32", "bfloat16"],
-                        help="our parameters' model_config param_init_type (bfloat16: Linear weights kept as "
-                             "bfloat16, the random values rounded to it)")
+                        help="our parameters' model_config param_init_type (bfloat16: Linear weights and "
+                             "token embedding kept as bfloat16, the random values rounded to it)")
     parser.add_argument("--settle", type=float, default=1.5,
                         help="seconds each round waits before our figures, after the previous round's child "
                              "processes exited (0: none)")
@@ -307,7 +307,8 @@ def main():
     print(f"config {os.path.relpath(args.config, REPO)}: {model.config.num_hidden_layers} decoder layers, hidden "
           f"{model.config.hidden_size}, {wbytes:.0f} MB of weights ("
           + ("float32" if wbytes == f32bytes else
-             f"param_init_type {args.param_init_type}: Linear weights in bfloat16, {f32bytes:.0f} MB in float32")
+             f"param_init_type {args.param_init_type}: Linear weights and token embedding in bfloat16, "
+             f"{f32bytes:.0f} MB in float32")
           + f"); {len(pixels)} frames; prompt "
           f"{length} tokens" + (f" (peer {peers[0]['prompt_tokens']})" if peers else "")
           + f"; medians of {runs} rounds" + (", ours and the peer's interleaved" if peers else ""))

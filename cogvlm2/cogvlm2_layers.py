@@ -36,29 +36,31 @@ def to_ms_dtype(name) -> ms.dtype.Type:
     return _DTYPES[name]
 
 
-# A Linear weight kept in bfloat16 on CPU: its bit patterns (MindSpore 2.7.2's CPU kernels have no bfloat16).
+# A Linear weight or the token embedding kept in bfloat16 on CPU: its bit patterns (MindSpore 2.7.2's CPU
+# kernels have no bfloat16).
 BF16_BITS = ms.uint16
 
 
-def parameter_dtype(dtype, linear_weight: bool = False) -> ms.dtype.Type:
+def parameter_dtype(dtype, as_bits: bool = False) -> ms.dtype.Type:
     """The dtype a parameter of ``dtype`` (param_init_type) is kept in. bfloat16 on CPU, where MindSpore
-    2.7.2's kernels refuse it (Identity, Gather, Transpose): a Linear weight keeps its bfloat16 bit
-    patterns (``BF16_BITS``), which the CPU kernels read and widen exactly (the products' bits are those of
-    float32 weights with the same values, the bytes half); every other parameter (norms, biases,
-    embeddings, convolutions, learned tokens: a few percent of the bytes but the embedding table) is
+    2.7.2's kernels refuse it (Identity, Gather, Transpose): a parameter that only bit-reading kernels use
+    (``as_bits``: a Linear weight, for the CPU kernels' products; the token embedding, gathered as uint16
+    and its rows widened) keeps its bfloat16 bit patterns (``BF16_BITS``), widened exactly where read, so
+    the results are those of float32 parameters with the same values, from half the bytes; every other
+    parameter (norms, biases, convolutions, positions, learned tokens: 0.1% of the real model's values) is
     float32, which holds bfloat16 values exactly. Elsewhere: ``dtype``."""
     dtype = to_ms_dtype(dtype)
     if dtype != ms.bfloat16 or ms.get_context("device_target") != "CPU":
         return dtype
-    return BF16_BITS if linear_weight else ms.float32
+    return BF16_BITS if as_bits else ms.float32
 
 
-def placeholder(shape, dtype, linear_weight: bool = False) -> Tensor:
+def placeholder(shape, dtype, as_bits: bool = False) -> Tensor:
     """Lazily-initialised zeros for a parameter made for ``dtype`` (kept as ``parameter_dtype`` says): no
     memory until used, so the real config's shapes can be built without its 50 GB. Every parameter is
     overwritten by a checkpoint, and loading fails on a missing one, so no placeholder value is ever used
     for real numbers."""
-    return initializer("zeros", shape, parameter_dtype(dtype, linear_weight))
+    return initializer("zeros", shape, parameter_dtype(dtype, as_bits))
 
 
 class Linear(nn.Cell):
@@ -80,7 +82,7 @@ class Linear(nn.Cell):
                  biased=None):
         super().__init__()
         self.out_features = out_features
-        self.weight = Parameter(placeholder((in_features, out_features), dtype, linear_weight=True), name="weight")
+        self.weight = Parameter(placeholder((in_features, out_features), dtype, as_bits=True), name="weight")
         self.bias = Parameter(placeholder((out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul()
         self.kernel = kernel
@@ -162,14 +164,17 @@ class RMSNorm(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    """Token embedding table ``weight`` (vocab, hidden)."""
+    """Embedding table ``weight`` (vocab, hidden). ``as_bits``: a table only ever gathered (the token
+    embedding) may be kept as bfloat16 bits (``parameter_dtype``): the gathered rows are widened."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype=ms.float32):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype=ms.float32, as_bits: bool = False):
         super().__init__()
-        self.weight = Parameter(placeholder((vocab_size, hidden_size), dtype), name="weight")
+        self.weight = Parameter(placeholder((vocab_size, hidden_size), dtype, as_bits), name="weight")
+        self.widen = widen_bf16_op() if self.weight.dtype == BF16_BITS else None
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        rows = ops.gather(self.weight, ids, 0)                          # (N, hidden)
+        return rows if self.widen is None else self.widen(rows)
 
 
 _batch_matmul = ops.BatchMatMul()

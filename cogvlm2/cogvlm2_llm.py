@@ -200,7 +200,7 @@ class CogVLM2Model(nn.Cell):
         dtype = to_ms_dtype(config.param_init_type)
         self.compute_dtype = to_ms_dtype(config.compute_dtype)
         self.hidden_size = config.hidden_size
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, as_bits=True)
         self.layers = nn.CellList([CogVLMDecoderLayer(config, dtype, decoder_kernels)
                                    for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, decoder_kernels.rms_norm)
