@@ -218,3 +218,19 @@ def test_fine_tuning_refuses_bfloat16_weights():
     with pytest.raises(CogVLM2ConfigError, match="fine-tuning needs float32 weights, but model_config "
                                                  "param_init_type is bfloat16"):
         Trainable(half, [half.lm_head.weight])
+
+
+def test_engine_batches_bfloat16_weights(golden):
+    """The engine's continuous batching on bfloat16 weights (several sequences per step on the rows kernel,
+    the slot cache, the vision cache): each request gets the reference's tokens."""
+    from cogvlm2 import CogVLM2Engine
+    video = os.path.join(os.path.dirname(__file__), "fixtures", "bigbuckbunny.mp4")
+    with CogVLM2Engine.from_pretrained(TINY, max_batch_size=4, param_init_type="bfloat16") as engine:
+        assert engine.model.lm_head.weight.dtype == BF16_BITS
+        handles = [engine.submit("Please describe this video.", video=video, max_new_tokens=20),
+                   engine.submit("Please describe this video.", max_new_tokens=20),
+                   engine.submit("Please describe this video.", video=video, max_new_tokens=12)]
+        results = [h.result(120).new_tokens for h in handles]
+    assert results[0] == golden["gen_new_tokens"].tolist()
+    assert results[1] == golden["text_gen_new_tokens"].tolist()
+    assert results[2] == golden["gen_new_tokens"][:12].tolist()
