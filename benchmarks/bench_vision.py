@@ -2,6 +2,7 @@
 figures, not a test).
 
     python benchmarks/bench_vision.py [--config benchmarks/bench_config.json] [--frames 6] [--rounds 15]
+                                      [--bfloat16]
 
 Models of the config share the same N(0, 0.02) vision weights (only the tower and adapter are filled;
 the decoder's parameters stay lazy and take no memory):
@@ -15,7 +16,10 @@ the decoder's parameters stay lazy and take no memory):
   kernels and the convolutions as MindSpore's Conv2D (the ``linear_gelu``, ``linear_norm_add``, ``gated``,
   patch and convolution ``linear`` kernels taken off before the first call compiles the graph);
 - ``amx+BiasAdd``: the same again with each biased Linear's product and MindSpore's BiasAdd apart (the
-  ``biased`` kernel taken off too).
+  ``biased`` kernel taken off too);
+- with ``--bfloat16`` every model's weights are rounded to bfloat16 values (as a bf16 checkpoint gives
+  them), and ``amx+bf16`` (``param_init_type: bfloat16``) keeps its Linear weights as bfloat16 bits, which the
+  AMX products read with 3 tile products per term instead of 6: its embeddings should equal ``fused+amx``'s.
 Each round encodes the golden video's frames with every model, in rotating order, so load from other
 jobs hits them alike; it prints the medians, the ratios to ``ops`` and each model's largest difference
 from the ``ops`` embeddings.
@@ -39,6 +43,8 @@ def parse_args():
     parser.add_argument("--frames", type=int, default=24, help="at most this many (the chat strategy: one per second)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="weights rounded to bfloat16 values, and the amx+bf16 model that keeps them so")
     return parser.parse_args()
 
 
@@ -48,14 +54,16 @@ VARIANTS = {"ops": {"vision_kernels": "ops", "gemm": "onednn"},
             "amx+apart": {"vision_kernels": "fused", "gemm": "amx"},
             "amx+BiasAdd": {"vision_kernels": "fused", "gemm": "amx"}}
 APART = {"amx+apart": ("epilogues", "conv"), "amx+BiasAdd": ("epilogues", "conv", "bias")}   # what each takes off
+BF16 = {"amx+bf16": {"vision_kernels": "fused", "gemm": "amx", "param_init_type": "bfloat16"}}
 
 
-def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
+def vision_model(config_path: str, overrides: dict, seed: int, apart=(), bfloat16: bool = False):
     """``apart``: "epilogues" (fc1's GELU, each branch's LayerNorm and add, the adapter's silu(gate) * up as
     their own kernels), "conv"
-    (the convolutions as MindSpore's Conv2D), "bias" (each biased Linear's product and BiasAdd apart)."""
-    from mindspore import Tensor
+    (the convolutions as MindSpore's Conv2D), "bias" (each biased Linear's product and BiasAdd apart).
+    ``bfloat16``: the weights rounded to bfloat16 values."""
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
+    from cogvlm2.cogvlm2_weights import bfloat16_values, parameter_tensor
     from cogvlm2.cogvlm2_layers import Linear
     from cogvlm2.cogvlm2_vision import GLU, MLP, Conv2d, PatchEmbedding, TransformerLayer
     model = CogVLM2ForVideo(CogVLM2Config.from_hf_config(config_path, **overrides))
@@ -69,7 +77,10 @@ def vision_model(config_path: str, overrides: dict, seed: int, apart=()):
     rng = np.random.default_rng(seed)
     for name, param in model.parameters_and_names():
         if name.startswith("model.vision."):
-            param.set_data(Tensor.from_numpy(rng.standard_normal(param.shape, dtype=np.float32) * 0.02))
+            values = rng.standard_normal(param.shape, dtype=np.float32) * np.float32(0.02)
+            if bfloat16:
+                values = bfloat16_values(values)
+            param.set_data(parameter_tensor(param, values, "bench_vision"))
     return model
 
 
@@ -82,8 +93,10 @@ def main():
 
     processor = CogVLM2Processor(num_frames=args.frames)
     pixels = processor.transform(processor.load_video(args.video)[0])      # (T, 3, 224, 224)
-    names = [name for name in VARIANTS if resolve_gemm("auto", "CPU") == "amx" or VARIANTS[name]["gemm"] != "amx"]
-    models = {name: vision_model(args.config, VARIANTS[name], args.seed, APART.get(name, ())) for name in names}
+    variants = dict(VARIANTS, **(BF16 if args.bfloat16 else {}))
+    names = [name for name in variants if resolve_gemm("auto", "CPU") == "amx" or variants[name]["gemm"] != "amx"]
+    models = {name: vision_model(args.config, variants[name], args.seed, APART.get(name, ()), args.bfloat16)
+              for name in names}
     outputs = {name: model.encode_video(pixels).asnumpy() for name, model in models.items()}  # compiles
     times = {name: [] for name in models}
     for r in range(max(1, args.rounds)):
@@ -93,11 +106,16 @@ def main():
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     print(f"config {os.path.relpath(args.config, REPO)}, {len(pixels)} frames, medians of {args.rounds} "
-          f"rotating rounds; largest |value| of the ops embeddings {np.abs(outputs['ops']).max():.3f}")
+          f"rotating rounds; largest |value| of the ops embeddings {np.abs(outputs['ops']).max():.3f}"
+          + ("; weights rounded to bfloat16 values" if args.bfloat16 else ""))
     for name in names:
         diff = float(np.abs(outputs[name].astype(np.float64) - outputs["ops"]).max())
         print(f"{name:11s} {med[name]:7.1f} ms  (rounds {min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f})"
               f"  {med['ops'] / med[name]:.2f}x ops  largest difference from ops {diff:.1e}")
+    if "amx+bf16" in outputs and "fused+amx" in outputs:
+        same = np.array_equal(outputs["amx+bf16"], outputs["fused+amx"])
+        print(f"amx+bf16 against fused+amx: {med['fused+amx'] / med['amx+bf16']:.2f}x, "
+              + ("the same embeddings, bit for bit" if same else "DIFFERENT embeddings"))
     return 0
 
 

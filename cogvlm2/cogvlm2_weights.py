@@ -22,7 +22,8 @@ from cogvlm2.cogvlm2_errors import CheckpointError
 __all__ = ["CheckpointError", "HF_INDEX", "MS_INDEX", "hf_to_ms_name", "read_safetensors",
            "checkpoint_files", "iter_checkpoint", "checkpoint_layout", "transposed_parameters", "to_model_layout",
            "is_converted_dir", "read_safetensors_raw", "write_safetensors", "encode_tensor", "check_tensor",
-           "check_complete", "convert_weight_dict", "check_parameters_loaded"]
+           "check_complete", "convert_weight_dict", "check_parameters_loaded", "bfloat16_values", "parameter_tensor",
+           "parameter_values", "random_tensor"]
 
 HF_INDEX = "model.safetensors.index.json"
 MS_INDEX = "mindspore_model.index.json"    # marks a directory written by convert_checkpoint
@@ -73,6 +74,11 @@ def _fp32_to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounding to nearest even."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bfloat16_values(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 values (as float32), as a bf16 checkpoint holds them."""
+    return _bf16_to_fp32(_fp32_to_bf16(values))
 
 
 # ----- values <-> parameters (a Linear weight may be kept as bfloat16 bits: cogvlm2_layers.parameter_dtype) --
