@@ -442,8 +442,8 @@ def answer_dataset_to(args, progress: Progress, stream, engines: list) -> int:
         except KeyboardInterrupt:
             engine.close(timeout=0)
             progress.end_line()
-            progress.write(f"interrupted: the answers written so far are kept; rerun the same command to "
-                           f"resume\n")
+            progress.write("interrupted: the answers written so far are kept; rerun the same command to "
+                           "resume\n")
             return 130
         except BaseException:
             engine.close(timeout=0)

@@ -79,7 +79,6 @@ def child(args):
     """One configuration: prints one JSON line."""
     import mindspore as ms
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    from mindspore import Tensor
     from cogvlm2 import CogVLM2Config, CogVLM2ForVideo
     from cogvlm2.cogvlm2_loading import fill_random_weights
     from cogvlm2.cogvlm2_lora import LoraConfig, apply_lora

@@ -38,7 +38,7 @@ from mindspore import Tensor
 
 from cogvlm2.cogvlm2 import padded_rows
 from cogvlm2.cogvlm2_batch_cache import decode_batch
-from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2Error, CogVLM2InputError
+from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2InputError
 from cogvlm2.cogvlm2_generation import (GenerationOptions, generation_defaults, new_token_budget, pick_next_tokens,
                                         stream_text)
 from cogvlm2.cogvlm2_loading import build_from_pretrained, build_from_yaml

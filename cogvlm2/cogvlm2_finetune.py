@@ -36,7 +36,7 @@ from cogvlm2.cogvlm2_checkpoints import (latest_train_checkpoint, load_train_che
 from cogvlm2.cogvlm2_cli import write_atomically
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError, CogVLM2Error, CogVLM2InputError
 from cogvlm2.cogvlm2_loading import build_from_yaml
-from cogvlm2.cogvlm2_lora import LoraConfig, apply_lora, load_adapter, lora_parameters, save_adapter
+from cogvlm2.cogvlm2_lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from cogvlm2.cogvlm2_train import AdamW, Trainable, freeze_for_full, freeze_for_lora
 from cogvlm2.cogvlm2_train_data import JsonlDataset, collate, split_for_rank
 

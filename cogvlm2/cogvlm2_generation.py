@@ -12,7 +12,7 @@ it would have alone, so each sample's greedy answer equals its single run.
 """
 import dataclasses
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
