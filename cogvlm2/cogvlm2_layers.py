@@ -22,7 +22,7 @@ from cogvlm2.cogvlm2_cpu_kernels import widen_bf16_op
 from cogvlm2.cogvlm2_errors import CogVLM2ConfigError
 
 __all__ = ["Linear", "LayerNorm", "RMSNorm", "Embedding", "attention", "swiglu", "gelu", "to_ms_dtype",
-           "placeholder", "parameter_dtype", "grouped_bias", "BF16_BITS"]
+           "placeholder", "parameter_dtype", "widened", "grouped_bias", "BF16_BITS"]
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -63,6 +63,11 @@ def placeholder(shape, dtype, as_bits: bool = False) -> Tensor:
     return initializer("zeros", shape, parameter_dtype(dtype, as_bits))
 
 
+def widened(x, widen):
+    """x's float32 values: ``widen`` (``widen_bf16_op``) of bfloat16 bits, or x itself if ``widen`` is None."""
+    return x if widen is None else widen(x)
+
+
 class Linear(nn.Cell):
     """y = x W + b over the last axis. weight is stored (in, out): the transpose of the PyTorch
     checkpoint's (out, in), which the loader applies (``transposed_in_checkpoint``).
@@ -91,7 +96,7 @@ class Linear(nn.Cell):
 
     def float_weight(self):
         """The weight's float32 values for ``ops.MatMul``: (in, out)."""
-        return self.weight if self.widen is None else self.widen(self.weight)
+        return widened(self.weight, self.widen)
 
     def construct(self, x, matmul=None):
         if x.ndim == 2:                                                  # (N, in): no reshapes
@@ -173,8 +178,7 @@ class Embedding(nn.Cell):
         self.widen = widen_bf16_op() if self.weight.dtype == BF16_BITS else None
 
     def construct(self, ids):
-        rows = ops.gather(self.weight, ids, 0)                          # (N, hidden)
-        return rows if self.widen is None else self.widen(rows)
+        return widened(ops.gather(self.weight, ids, 0), self.widen)     # (N, hidden)
 
 
 _batch_matmul = ops.BatchMatMul()

@@ -26,7 +26,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from cogvlm2.cogvlm2_errors import CheckpointError, CogVLM2ConfigError
-from cogvlm2.cogvlm2_layers import Linear
+from cogvlm2.cogvlm2_layers import Linear, widened
 
 __all__ = ["LoraConfig", "LoRALinear", "apply_lora", "kaiming_uniform_a", "lora_parameters", "save_adapter", "load_adapter",
            "read_adapter_config", "merge_lora", "PEFT_PREFIX", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
@@ -113,8 +113,7 @@ class LoRALinear(nn.Cell):
 
     def _forward(self, x, matmul):
         if matmul is None:                                               # as Linear: the base product
-            w = self.weight if self.widen is None else self.widen(self.weight)
-            y = self.matmul(x, w)                                        # (N, out)
+            y = self.matmul(x, widened(self.weight, self.widen))         # (N, out)
         else:
             y = matmul(x, self.weight)
         if self.bias is not None:

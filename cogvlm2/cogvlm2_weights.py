@@ -86,22 +86,18 @@ def bfloat16_values(values: np.ndarray) -> np.ndarray:
 _CHUNK = 1 << 22      # values per pass of a conversion, so its temporaries stay small beside the tensor
 
 
-def _bits_of(values: np.ndarray, exact: bool, name: str = "", source: str = "") -> np.ndarray:
-    """float32 values -> bfloat16 bits, chunk by chunk: rounded to nearest even, or (``exact``) only if every
-    value is a bfloat16 value, else a CheckpointError naming the tensor."""
+def _exact_bits(values: np.ndarray, name: str, source: str) -> np.ndarray:
+    """float32 values -> their bfloat16 bits, chunk by chunk (small temporaries), only if every value is a
+    bfloat16 value: a CheckpointError naming the tensor otherwise."""
     flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     bits = np.empty(flat.shape, np.uint16)
     for start in range(0, flat.size, _CHUNK):
-        part = flat[start:start + _CHUNK]
-        if exact:
-            words = part.view(np.uint32)
-            if np.any(words & 0xFFFF):
-                raise CheckpointError(f"{name} in {source} holds float32 values that bfloat16 would round; load it "
-                                      "with model_config param_init_type: float32 (bfloat16 keeps a bf16 "
-                                      "checkpoint's weights)")
-            bits[start:start + part.size] = words >> 16
-        else:
-            bits[start:start + part.size] = _fp32_to_bf16(part)
+        words = flat[start:start + _CHUNK].view(np.uint32)
+        if np.any(words & 0xFFFF):
+            raise CheckpointError(f"{name} in {source} holds float32 values that bfloat16 would round; load it "
+                                  "with model_config param_init_type: float32 (bfloat16 keeps a bf16 "
+                                  "checkpoint's weights)")
+        bits[start:start + words.size] = words >> 16
     return bits.reshape(np.shape(values))
 
 
@@ -114,7 +110,7 @@ def parameter_tensor(param, stored: np.ndarray, source: str, st_dtype: str = "F3
     if param.dtype == BF16_BITS:
         if st_dtype == "BF16":
             return Tensor(np.ascontiguousarray(stored, dtype=np.uint16))
-        return Tensor(_bits_of(stored, True, param.name, source))
+        return Tensor(_exact_bits(stored, param.name, source))
     values = _bf16_to_fp32(stored) if st_dtype == "BF16" else stored
     return Tensor(np.ascontiguousarray(values), dtype=param.dtype)
 

@@ -418,7 +418,7 @@ inline void block_sums_bf16(const bf16 *a0, int64_t a_strip, const bf16 *b0, int
   }
 }
 
-// The block's sums for w's parts (block_sums or block_sums_bf16), and the slices of `work` each step gives.
+// The block's sums for w's parts: block_sums, or block_sums_bf16 for bfloat16 weights.
 template <typename Work>
 inline void sums_for(const Weights &w, const bf16 *a0, int64_t a_strip, const bf16 *b0, int64_t b_strip,
                      int64_t steps, Work &work) {
@@ -428,6 +428,7 @@ inline void sums_for(const Weights &w, const bf16 *a0, int64_t a_strip, const bf
     block_sums(a0, a_strip, b0, b_strip, steps, work);
 }
 
+// The slices of `work` sums_for gives per step of K.
 inline int slices_per_step(const Weights &w) { return w.bits ? kSlicesPerStepBf16 : kSlicesPerStep; }
 
 // C tiles -> the block at `out` (rows `stride` floats apart), its first `rows` rows and `cols` columns (at
