@@ -70,15 +70,19 @@ class CausalLMStep(nn.Cell):
 
     matmul: the product every decoder Linear and the lm_head use in this graph (None: ops.MatMul;
     the decode step graph gets the rows kernel, see ``cogvlm2_cpu_kernels``); attend: the decoder's
-    attention (None: ``cogvlm2_layers.attention``; on CPU the prefill attention kernel).
+    attention (None: ``cogvlm2_layers.attention``; on CPU the prefill attention kernel); head_matmul: the
+    lm_head's product on the picked rows, if not ``matmul`` (the prefill graph with ops.MatMul gets the
+    rows kernel: it reads the vocab x hidden weight once, bfloat16 bits as they are, where MatMul would
+    take a float32 copy, 2.1 GB for the real model's).
     """
 
-    def __init__(self, model: CogVLM2Model, lm_head: Linear, matmul=None, attend=None):
+    def __init__(self, model: CogVLM2Model, lm_head: Linear, matmul=None, attend=None, head_matmul=None):
         super().__init__()
         self.model = model
         self.lm_head = lm_head
         self.matmul = matmul
         self.attend = attend
+        self.head_matmul = matmul if head_matmul is None else head_matmul
 
     @ms.jit   # compiled as a graph in PYNATIVE_MODE too (GRAPH_MODE compiles every Cell anyway)
     def construct(self, input_ids, vision_embeds, vision_index, expert_mask, position_ids, bias, past,
@@ -86,7 +90,7 @@ class CausalLMStep(nn.Cell):
         hidden, new_past = self.model(input_ids, vision_embeds, vision_index, expert_mask, position_ids,
                                       bias, past, self.matmul, self.attend)        # (B*L, H)
         picked = ops.gather_nd(hidden, logits_index)                               # (M, H)
-        return self.lm_head(picked, self.matmul).astype(ms.float32), new_past      # (M, vocab)
+        return self.lm_head(picked, self.head_matmul).astype(ms.float32), new_past # (M, vocab)
 
 
 class SlotDecodeStep(nn.Cell):
@@ -134,7 +138,11 @@ class CogVLM2ForVideo(PreTrainedModel):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, to_ms_dtype(config.param_init_type))
         # Not registered as child cells: they share model/lm_head, whose names stay model.* / lm_head.*
         attend = prefill_attention_op() if decoder else None
-        object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head, gemm, attend))
+        rows = compile_graphs and resolve_decode_matmul(config.decode_matmul, ms.get_context("device_target"),
+                                                        config.compute_dtype) == "rows"
+        # the prefill's logits rows: the rows kernel when ops.MatMul would take them (gemm: onednn)
+        head = rows_matmul_op() if rows and gemm is None else None
+        object.__setattr__(self, "step", CausalLMStep(self.model, self.lm_head, gemm, attend, head))
         # decode calls (one token per row, 2..ROWS_PER_PASS rows) get their own graph when
         # decode_matmul resolves to the rows kernel; None: the one step graph serves every call
         object.__setattr__(self, "decode_step", None)
@@ -145,7 +153,6 @@ class CogVLM2ForVideo(PreTrainedModel):
         object.__setattr__(self, "slot_rows_step", None)
         if compile_graphs:
             device = ms.get_context("device_target")
-            rows = resolve_decode_matmul(config.decode_matmul, device, config.compute_dtype) == "rows"
             if rows:
                 object.__setattr__(self, "decode_step",
                                    CausalLMStep(self.model, self.lm_head, rows_matmul_op(), attend))

@@ -113,7 +113,7 @@ class LoRALinear(nn.Cell):
 
     def _forward(self, x, matmul):
         if matmul is None:                                               # as Linear: the base product
-            y = self.matmul(x, widened(self.weight, self.widen))         # (N, out)
+            y = self.matmul(x, widened(self.weight, self.widen, x))      # (N, out)
         else:
             y = matmul(x, self.weight)
         if self.bias is not None:
