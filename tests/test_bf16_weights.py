@@ -72,7 +72,7 @@ SHAPES = [(256, 96), (37, 203), (1024, 300)]
 ROWS = (1, 5, 15, 40, 300)
 
 
-@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("k, n", SHAPES + [(4100, 70)])   # 1024 x 300, 4100 x 70: cut along K
 def test_rows_kernel_reads_bfloat16_bits(k, n):
     same_bits_from_either_weights(rows_matmul_op(), 1, lambda m: [], k, n, (1, 2, 7, 16, 17), seed=k + n)
 

@@ -72,10 +72,11 @@ def check_product(product, k, n, view, rows, seed):
         assert np.all(np.abs(got - exact) <= tolerance(x, w)), (m, np.abs(got - exact).max())
 
 
-@pytest.mark.parametrize("k, n", [(64, 48), (37, 203), (1024, 1536), (300, 16 * 3 + 5)])
+@pytest.mark.parametrize("k, n", [(64, 48), (37, 203), (1024, 1536), (300, 16 * 3 + 5), (4100, 70)])
 @pytest.mark.parametrize("view", ["contiguous", "transpose", "slice"])
 def test_rows_kernel_matches_float64(k, n, view):
-    # register blocks 1..16 and the passes beyond 16 rows
+    # register blocks 1..16 and the passes beyond 16 rows; 1024 x 1536 and 4100 x 70 are cut along K
+    # (4100: halves of 2048 and 2052 rows, not whole groups; 70: scalar columns)
     check_product(rows_matmul_op(), k, n, view, (1, 2, 3, 5, 8, 13, 16, 17, 33), seed=k * n)
 
 
