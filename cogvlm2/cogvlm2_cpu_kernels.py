@@ -192,12 +192,13 @@ def rows_matmul_op():
 
 
 def decode_attention_op():
-    """``(q (B, Hq, d), k, v (B, Hkv, d), k_cache, v_cache (S, Hkv, C, d), slots (B,), positions (B,))
-    -> (B, Hq, d)`` float32: writes k, v into the caches at (slot, position), then attends over each
-    slot's positions 0..position (``kernels/decode_attention.cc``)."""
+    """``(qkv (B, (Hq + 2 Hkv) d), cos, sin (B, d), scale (1,), k_cache, v_cache (S, Hkv, C, d), slots (B,),
+    positions (B,)) -> (B, Hq d)`` float32: rotates q and k (rotate-half) and scales q, writes k, v into the
+    caches at (slot, position), then attends over each slot's positions 0..position
+    (``kernels/decode_attention.cc``)."""
     f32, i32 = DataType.F32_Default, DataType.I32_Default
-    return _custom("DecodeAttention", [("q", f32), ("k", f32), ("v", f32), ("k_cache", f32), ("v_cache", f32),
-                                       ("slots", i32), ("positions", i32)])
+    return _custom("DecodeAttention", [("qkv", f32), ("cos", f32), ("sin", f32), ("scale", f32), ("k_cache", f32),
+                                       ("v_cache", f32), ("slots", i32), ("positions", i32)])
 
 
 def gelu_op():

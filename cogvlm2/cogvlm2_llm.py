@@ -10,9 +10,10 @@ Two ways to run it:
 - ``construct``: the functional KV cache. Each layer takes its past keys/values (B, Hkv, S, d) and
   returns them with the new ones appended, so one compiled graph with dynamic B, L and S serves prefill
   (S = 0) and every decode step, on every backend.
-- ``decode``: one new (language) token per sequence against a slot cache (S_slots, Hkv, C, d) per layer,
-  which the ``attend`` kernel writes this token into in place before attending (``cogvlm2_kv_cache``,
-  ``cogvlm2_cpu_kernels.decode_attention_op``): no per-step copy of the cache.
+- ``decode``: one new (language) token per sequence against a slot cache (S_slots, Hkv, C, d) per layer:
+  the ``attend`` kernel takes the fused q/k/v projection, rotates and scales, writes this token into the
+  cache in place and attends (``cogvlm2_kv_cache``, ``cogvlm2_cpu_kernels.decode_attention_op``): no
+  per-step copy of the cache.
 """
 from typing import NamedTuple
 
@@ -82,6 +83,7 @@ class VisionExpertAttention(nn.Cell):
         self.hidden_size = config.hidden_size
         self.kv_size = config.kv_size
         self.scale = self.head_dim ** -0.5
+        self.decode_scale = Tensor([self.scale], ms.float32)                     # the decode kernel's (1,)
         qkv_size = self.hidden_size + 2 * self.kv_size
         self.language_expert_query_key_value = Linear(self.hidden_size, qkv_size, False, dtype)
         self.language_expert_dense = Linear(self.hidden_size, self.hidden_size, False, dtype)
@@ -121,17 +123,14 @@ class VisionExpertAttention(nn.Cell):
             dense = _route(expert_mask, dense, self.vision_expert_dense(out, matmul))
         return dense, key, value
 
-    def decode(self, x, rope_q, rope_k, key_cache, value_cache, slots, cache_positions, attend, matmul=None):
-        """x: (B, H), one language token per sequence -> (B, H). key_cache/value_cache: the slot cache
-        (S_slots, Hkv, C, d); this token's key and value go to (slots[b], cache_positions[b]), which
-        ``attend`` does in place before attending over each slot's positions 0..cache_positions[b]."""
-        b = x.shape[0]
+    def decode(self, x, cos, sin, key_cache, value_cache, slots, cache_positions, attend, matmul=None):
+        """x: (B, H), one language token per sequence -> (B, H); cos, sin: (B, d), the rotary angles at each
+        row's position. key_cache/value_cache: the slot cache (S_slots, Hkv, C, d). ``attend`` rotates q and
+        k, scales q, writes this token's key and value to (slots[b], cache_positions[b]) in place and attends
+        over each slot's positions 0..cache_positions[b]."""
         qkv = self.language_expert_query_key_value(x, matmul)                    # (B, H + 2*kv)
-        q, k, v = self._rotated_heads(qkv, rope_q, rope_k, b, 1)
-        out = attend((q * self.scale).reshape(b, self.num_heads, self.head_dim),
-                     k.reshape(b, self.num_kv_heads, self.head_dim), v.reshape(b, self.num_kv_heads, self.head_dim),
-                     key_cache, value_cache, slots, cache_positions)             # (B, Hq, d)
-        return self.language_expert_dense(out.reshape(b, self.hidden_size), matmul)
+        out = attend(qkv, cos, sin, self.decode_scale, key_cache, value_cache, slots, cache_positions)  # (B, H)
+        return self.language_expert_dense(out, matmul)
 
 
 class LlamaMLP(nn.Cell):
@@ -180,9 +179,9 @@ class CogVLMDecoderLayer(nn.Cell):
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h), expert_mask, matmul), key, value
 
-    def decode(self, x, rope_q, rope_k, key_cache, value_cache, slots, cache_positions, attend, matmul=None):
+    def decode(self, x, cos, sin, key_cache, value_cache, slots, cache_positions, attend, matmul=None):
         """One language token per sequence, x: (B, H) -> (B, H), on the slot cache (see the attention's)."""
-        h = x + self.self_attn.decode(self.input_layernorm(x), rope_q, rope_k, key_cache, value_cache, slots,
+        h = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, key_cache, value_cache, slots,
                                       cache_positions, attend, matmul)
         return h + self.mlp.language_mlp(self.post_attention_layernorm(h), matmul)
 
@@ -269,8 +268,9 @@ class CogVLM2Model(nn.Cell):
         ...); slots, cache_positions (B,) int32: each row's slot and where its token goes there.
         """
         x = self.embed_tokens(input_ids.reshape(-1)).astype(self.compute_dtype)   # (B, H)
-        rope_q, rope_k = self.rope(position_ids)
+        cos, sin = self.rotary_emb(position_ids)                                    # (B, 1, 1, d) each
+        cos, sin = cos.reshape(-1, self.head_dim), sin.reshape(-1, self.head_dim)   # (B, d)
         for i in range(self.num_layers):
-            x = self.layers[i].decode(x, rope_q, rope_k, cache[2 * i], cache[2 * i + 1], slots, cache_positions,
+            x = self.layers[i].decode(x, cos, sin, cache[2 * i], cache[2 * i + 1], slots, cache_positions,
                                       attend, matmul)
         return self.norm(x)

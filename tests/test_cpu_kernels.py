@@ -949,8 +949,15 @@ class SlotAttention(nn.Cell):
         super().__init__()
         self.attend = decode_attention_op()
 
-    def construct(self, q, k, v, k_cache, v_cache, slots, positions):
-        return self.attend(q, k, v, k_cache, v_cache, slots, positions)
+    def construct(self, qkv, cos, sin, scale, k_cache, v_cache, slots, positions):
+        return self.attend(qkv, cos, sin, scale, k_cache, v_cache, slots, positions)
+
+
+def rotated(x, cos, sin):
+    """The graph's rotary (``cogvlm2_llm.apply_rotary``) in float32 numpy, one rounding per op: x (..., d),
+    cos/sin broadcast to it."""
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
 
 
 def reference_attention(q, k_cache, v_cache, slots, positions):
@@ -970,10 +977,13 @@ def reference_attention(q, k_cache, v_cache, slots, positions):
 
 @pytest.mark.parametrize("hq, hkv, d", [(4, 2, 8), (16, 4, 64), (6, 6, 20)])
 def test_decode_attention_writes_in_place_and_matches_float64(hq, hkv, d):
+    """From the fused q/k/v rows: the rotated keys land in the cache with the bits of the graph's rotary
+    (each op rounded), and the output is attention of the rotated, scaled queries."""
     rng = np.random.default_rng(hq * d)
     cell = SlotAttention()
-    cell.set_inputs(Tensor(shape=[None, hq, d], dtype=ms.float32), Tensor(shape=[None, hkv, d], dtype=ms.float32),
-                    Tensor(shape=[None, hkv, d], dtype=ms.float32),
+    width = (hq + 2 * hkv) * d
+    cell.set_inputs(Tensor(shape=[None, width], dtype=ms.float32), Tensor(shape=[None, d], dtype=ms.float32),
+                    Tensor(shape=[None, d], dtype=ms.float32), Tensor(shape=[1], dtype=ms.float32),
                     Tensor(shape=[None, hkv, None, d], dtype=ms.float32),
                     Tensor(shape=[None, hkv, None, d], dtype=ms.float32),
                     Tensor(shape=[None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32))
@@ -981,15 +991,21 @@ def test_decode_attention_writes_in_place_and_matches_float64(hq, hkv, d):
     k_cache = rng.standard_normal((slots_total, hkv, capacity, d), dtype=np.float32)
     v_cache = rng.standard_normal((slots_total, hkv, capacity, d), dtype=np.float32)
     k_tensor, v_tensor = Tensor.from_numpy(k_cache), Tensor.from_numpy(v_cache)
+    scale = np.array([d ** -0.5], np.float32)
     # 1 row at position 0, then rows of mixed lengths (the long ones take the kernel's second thread)
     for slots, positions in (([3], [0]), ([4, 0, 2], [17, 650, 1]), ([1, 2, 0, 3, 4], [5, 2, 651, 300, 18])):
         slots, positions = np.array(slots, np.int32), np.array(positions, np.int32)
         rows = len(slots)
-        q = rng.standard_normal((rows, hq, d), dtype=np.float32)
-        k = rng.standard_normal((rows, hkv, d), dtype=np.float32)
-        v = rng.standard_normal((rows, hkv, d), dtype=np.float32)
+        qkv = rng.standard_normal((rows, width), dtype=np.float32)
+        angles = rng.uniform(0, 100, (rows, d // 2)).astype(np.float32)
+        cos, sin = np.cos(np.tile(angles, 2)), np.sin(np.tile(angles, 2))          # (rows, d)
+        q, k, v = np.split(qkv.reshape(rows, hq + 2 * hkv, d), [hq, hq + hkv], 1)
+        k = rotated(k, cos[:, None], sin[:, None])
+        q = rotated(q, cos[:, None], sin[:, None]) * scale[0]
         untouched = k_cache.copy()
-        got = cell(Tensor(q), Tensor(k), Tensor(v), k_tensor, v_tensor, Tensor(slots), Tensor(positions)).asnumpy()
+        got = cell(Tensor(qkv), Tensor(cos), Tensor(sin), Tensor(scale), k_tensor, v_tensor, Tensor(slots),
+                   Tensor(positions)).asnumpy()
+        assert got.shape == (rows, hq * d)
         for row in range(rows):                 # this step's key and value landed in the engine's arrays
             np.testing.assert_array_equal(k_cache[slots[row], :, positions[row]], k[row])
             np.testing.assert_array_equal(v_cache[slots[row], :, positions[row]], v[row])
@@ -998,7 +1014,7 @@ def test_decode_attention_writes_in_place_and_matches_float64(hq, hkv, d):
         exact = reference_attention(q, k_cache, v_cache, slots, positions)
         # a convex combination of v rows: float32 error ~ (length * eps) * max |v|
         bound = (positions.max() + 1) * np.finfo(np.float32).eps * np.abs(v_cache).max() * 4
-        assert np.abs(got - exact).max() <= bound, np.abs(got - exact).max()
+        assert np.abs(got.reshape(rows, hq, d) - exact).max() <= bound, np.abs(got.reshape(rows, hq, d) - exact).max()
 
 
 def test_slot_cache_stores_prefills_and_costs_memory_only_where_written():
