@@ -20,8 +20,24 @@
 namespace cogvlm2 {
 namespace attention {
 
-constexpr int kRows = 4;         // query rows per block (their sums stay in registers)
-constexpr int kBlock = 4;        // vectors of keys (scores) or of output columns per pass
+// A block's kRows x kBlock vectors of sums stay in registers beside kBlock vectors of keys or values and a
+// broadcast query or probability: 4 x 4 (16 + 4 + 1 of AVX-512's 32 registers); AVX2 has 16, so 6 x 2
+// there (12 + 2 + 1): the bench tower's attention (6 frames x 4 heads of 257 x 64) went 8.3-9.4 ms ->
+// 5.1-8.0 ms on an AVX2 EPYC (4 x 4 spilled; 4 x 2, 5 x 2, 8 x 2, 12 x 1, 4 x 3 were 6.3-11.6 ms), the same
+// bits: a score is still a d-term sum in column order and an output an S-term sum in position order.
+// The macros are there to time other shapes.
+#ifndef COGVLM2_ATTENTION_ROWS
+#if defined(__AVX512F__)
+#define COGVLM2_ATTENTION_ROWS 4
+#define COGVLM2_ATTENTION_BLOCK 4
+#else
+#define COGVLM2_ATTENTION_ROWS 6
+#define COGVLM2_ATTENTION_BLOCK 2
+#endif
+#endif
+constexpr int kRows = COGVLM2_ATTENTION_ROWS;    // query rows per block
+constexpr int kBlock = COGVLM2_ATTENTION_BLOCK;  // vectors of keys (scores) or of output columns per pass
+static_assert(kBlock >= 1 && kBlock <= 4, "score_group has cases for 1-4 vectors");
 constexpr int kGroup = 16;       // blocks per group: each panel of keys or values is read by all of them
 constexpr int kGroupRows = kGroup * kRows;
 constexpr int64_t kPad = kBlock * kLanes;   // head columns are padded to whole passes

@@ -12,36 +12,31 @@
 namespace cogvlm2 {
 namespace layer_norm {
 
-inline double sum8(dvec8 v) {
-  double s = 0;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
-}
-
 // y[0..C) = (x - mean) / sqrt(var + eps) * weight + bias, rounded to float32, then plus residual[0..C)
 // in float32 if residual is given (y may be x)
 inline void normalize_row(const float *x, const float *weight, const float *bias, float *y, int64_t C, double eps,
                           const float *residual = nullptr) {
   const int64_t whole = C / 8 * 8;
-  dvec8 acc{};
-  for (int64_t i = 0; i < whole; i += 8) acc += load8(x + i);
-  double sum = sum8(acc);
+  Sum8 values;
+  for (int64_t i = 0; i < whole; i += 8) values.add(x + i, [](dvec v) { return v; });
+  double sum = values.total();
   for (int64_t i = whole; i < C; ++i) sum += x[i];
   const double mean = sum / static_cast<double>(C);
-  acc = dvec8{};
-  for (int64_t i = 0; i < whole; i += 8) {
-    const dvec8 d = load8(x + i) - mean;
-    acc += d * d;
-  }
-  double squares = sum8(acc);
+  Sum8 deviations;
+  for (int64_t i = 0; i < whole; i += 8)
+    deviations.add(x + i, [mean](dvec v) {
+      const dvec d = v - mean;
+      return d * d;
+    });
+  double squares = deviations.total();
   for (int64_t i = whole; i < C; ++i) squares += (x[i] - mean) * (x[i] - mean);
   const double rstd = 1.0 / std::sqrt(squares / static_cast<double>(C) + eps);
-  for (int64_t i = 0; i < whole; i += 8) {
-    const dvec8 normed = (load8(x + i) - mean) * rstd * load8(weight + i) + load8(bias + i);
+  for (int64_t i = 0; i < whole; i += kDoubleLanes) {
+    const dvec normed = (loadd(x + i) - mean) * rstd * loadd(weight + i) + loadd(bias + i);
     if (residual == nullptr) {
-      store8(y + i, normed);
+      stored(y + i, normed);
     } else {
-      fvec8 r, out = __builtin_convertvector(normed, fvec8);
+      fvecd r, out = __builtin_convertvector(normed, fvecd);
       std::memcpy(&r, residual + i, sizeof(r));
       out += r;
       std::memcpy(y + i, &out, sizeof(out));

@@ -17,23 +17,19 @@
 
 namespace {
 
-using cogvlm2::dvec8;
+using cogvlm2::dvec;
 
 constexpr int64_t kElementsPerThread = 1 << 14;   // a second thread from 16 Ki elements
 
 void rms_norm_row(const float *x, const float *weight, float *y, int64_t H, double eps) {
   const int64_t whole = H / 8 * 8;
-  dvec8 acc{};
-  for (int64_t i = 0; i < whole; i += 8) {
-    const dvec8 v = cogvlm2::load8(x + i);
-    acc += v * v;
-  }
-  double squares = 0;
-  for (int i = 0; i < 8; ++i) squares += acc[i];
+  cogvlm2::Sum8 acc;
+  for (int64_t i = 0; i < whole; i += 8) acc.add(x + i, [](dvec v) { return v * v; });
+  double squares = acc.total();
   for (int64_t i = whole; i < H; ++i) squares += static_cast<double>(x[i]) * x[i];
   const double scale = 1.0 / std::sqrt(squares / static_cast<double>(H) + eps);
-  for (int64_t i = 0; i < whole; i += 8)
-    cogvlm2::store8(y + i, cogvlm2::load8(x + i) * scale * cogvlm2::load8(weight + i));
+  for (int64_t i = 0; i < whole; i += cogvlm2::kDoubleLanes)
+    cogvlm2::stored(y + i, cogvlm2::loadd(x + i) * scale * cogvlm2::loadd(weight + i));
   for (int64_t i = whole; i < H; ++i) y[i] = static_cast<float>(x[i] * scale * weight[i]);
 }
 
