@@ -27,13 +27,10 @@ namespace attention {
 // bits: a score is still a d-term sum in column order and an output an S-term sum in position order.
 // The macros are there to time other shapes.
 #ifndef COGVLM2_ATTENTION_ROWS
-#if defined(__AVX512F__)
-#define COGVLM2_ATTENTION_ROWS 4
-#define COGVLM2_ATTENTION_BLOCK 4
-#else
-#define COGVLM2_ATTENTION_ROWS 6
-#define COGVLM2_ATTENTION_BLOCK 2
+#define COGVLM2_ATTENTION_ROWS (kLanes == 16 ? 4 : 6)
 #endif
+#ifndef COGVLM2_ATTENTION_BLOCK
+#define COGVLM2_ATTENTION_BLOCK (kLanes == 16 ? 4 : 2)
 #endif
 constexpr int kRows = COGVLM2_ATTENTION_ROWS;    // query rows per block
 constexpr int kBlock = COGVLM2_ATTENTION_BLOCK;  // vectors of keys (scores) or of output columns per pass

@@ -81,24 +81,19 @@ inline void stored(float *p, dvec v) {
   std::memcpy(p, &f, sizeof(f));
 }
 
-// Eight running double sums, one per position i mod 8 of a row, added up in position order at the end:
-// the same additions, so the same bits, whatever the register width. add(p, f) adds f(p[j]) for j < 8.
-struct Sum8 {
+// sum of f(x[i]) for i < n (a multiple of 8), in eight running double sums, one per position i mod 8,
+// added up in position order at the end: the same additions, so the same bits, whatever the register width
+template <class F>
+double sum8(const float *x, int64_t n, F f) {
   static_assert(8 % kDoubleLanes == 0, "8 values are whole registers");
   dvec part[8 / kDoubleLanes] = {};
-
-  template <class F>
-  void add(const float *p, F f) {
-    for (int h = 0; h < 8 / kDoubleLanes; ++h) part[h] += f(loadd(p + h * kDoubleLanes));
-  }
-
-  double total() const {
-    double s = 0;
-    for (int h = 0; h < 8 / kDoubleLanes; ++h)
-      for (int j = 0; j < kDoubleLanes; ++j) s += part[h][j];
-    return s;
-  }
-};
+  for (int64_t i = 0; i < n; i += 8)
+    for (int h = 0; h < 8 / kDoubleLanes; ++h) part[h] += f(loadd(x + i + h * kDoubleLanes));
+  double s = 0;
+  for (int h = 0; h < 8 / kDoubleLanes; ++h)
+    for (int j = 0; j < kDoubleLanes; ++j) s += part[h][j];
+  return s;
+}
 
 // The dtype name MindSpore's aot interface gives a float32 tensor ("float32", or "float" in some paths).
 inline bool is_float32(const char *dtype) {

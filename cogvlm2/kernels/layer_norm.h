@@ -17,18 +17,10 @@ namespace layer_norm {
 inline void normalize_row(const float *x, const float *weight, const float *bias, float *y, int64_t C, double eps,
                           const float *residual = nullptr) {
   const int64_t whole = C / 8 * 8;
-  Sum8 values;
-  for (int64_t i = 0; i < whole; i += 8) values.add(x + i, [](dvec v) { return v; });
-  double sum = values.total();
+  double sum = sum8(x, whole, [](dvec v) { return v; });
   for (int64_t i = whole; i < C; ++i) sum += x[i];
   const double mean = sum / static_cast<double>(C);
-  Sum8 deviations;
-  for (int64_t i = 0; i < whole; i += 8)
-    deviations.add(x + i, [mean](dvec v) {
-      const dvec d = v - mean;
-      return d * d;
-    });
-  double squares = deviations.total();
+  double squares = sum8(x, whole, [mean](dvec v) { return (v - mean) * (v - mean); });
   for (int64_t i = whole; i < C; ++i) squares += (x[i] - mean) * (x[i] - mean);
   const double rstd = 1.0 / std::sqrt(squares / static_cast<double>(C) + eps);
   for (int64_t i = 0; i < whole; i += kDoubleLanes) {

@@ -23,9 +23,7 @@ constexpr int64_t kElementsPerThread = 1 << 14;   // a second thread from 16 Ki 
 
 void rms_norm_row(const float *x, const float *weight, float *y, int64_t H, double eps) {
   const int64_t whole = H / 8 * 8;
-  cogvlm2::Sum8 acc;
-  for (int64_t i = 0; i < whole; i += 8) acc.add(x + i, [](dvec v) { return v * v; });
-  double squares = acc.total();
+  double squares = cogvlm2::sum8(x, whole, [](dvec v) { return v * v; });
   for (int64_t i = whole; i < H; ++i) squares += static_cast<double>(x[i]) * x[i];
   const double scale = 1.0 / std::sqrt(squares / static_cast<double>(H) + eps);
   for (int64_t i = 0; i < whole; i += cogvlm2::kDoubleLanes)
